@@ -1,0 +1,218 @@
+"""Typed parameters: params.yaml is read and validated once, then passed down as these objects.
+
+Each top-level section belongs to one DVC stage, one `tasks/<name>.py` module and one task
+function of the same name. Unknown keys are errors, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["frozen", "finetune", "scratch"]
+HeadInit = Literal["kaiming", "xavier", "zeros", "ones"]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ParamsError(ValueError):
+    """A params file or value is invalid; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Where the images come from and how they are split into tasks."""
+
+    root: Path | None = None
+    """Folder holding the four Fashion-MNIST IDX files (.gz or not); None: Debian's package, then download."""
+    image_folder: Path | None = None
+    """A user's own target images, one sub-folder per class; replaces FMNIST-1 as the target task."""
+    source_labels: list[Annotated[int, Field(ge=0, le=9)]] = [5, 6, 7, 8, 9]
+    target_labels: list[Annotated[int, Field(ge=0, le=9)]] = [0, 1, 2, 3, 4]
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    train_fraction: Fraction = 1.0
+    """Share of the target's training split used; the subsets are nested (5% lies inside 10%)."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> DataParams:
+        overlap = set(self.source_labels) & set(self.target_labels)
+        if overlap:
+            raise ValueError(f"source_labels and target_labels must be disjoint; both contain {sorted(overlap)}")
+        for name in ("source_labels", "target_labels"):
+            labels = getattr(self, name)
+            if len(labels) < 2 or len(set(labels)) != len(labels):
+                raise ValueError(f"{name} must hold at least two distinct labels, got {labels}")
+        return self
+
+
+class OptimParams(_Section):
+    """One training loop's settings: Adam, early stopping on validation loss."""
+
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    patience: Annotated[int, Field(ge=1)] = 3
+    """Epochs without a better validation loss before training stops; the best epoch is kept."""
+
+
+class PretrainParams(OptimParams):
+    """The source model trained on the source task (FMNIST-2 by default)."""
+
+    arch: str = "fmnist_cnn"
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    seed: int = 0
+    device: Device = "auto"
+    register_as: str = "fmnist-source"
+
+
+class SourceParams(_Section):
+    """A pretrained network to transfer from: its weights, its architecture and where to cut it."""
+
+    weights: str
+    """URI: a local path, https://... (sha256 required), torchvision:<model>/<ENUM>, or models:/<name>@<alias>."""
+    sha256: str | None = None
+    """Full sha256 the weights must have; required for https://, optional elsewhere."""
+    arch: str
+    cut: str
+    """Name of the stage whose output is stored; everything up to it is frozen."""
+    image_size: Annotated[int, Field(ge=8, le=512)] = 28
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex64(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
+            raise ValueError(f"must be a full sha256 (64 hex digits), got {v!r}")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _https_needs_hash(self) -> SourceParams:
+        if self.weights.startswith(("https://", "http://")) and self.sha256 is None:
+            raise ValueError(f"weights {self.weights!r} is a URL: pin its sha256")
+        return self
+
+
+class WeightsParams(_Section):
+    """How weights are fetched (the sources say what)."""
+
+    retries: Annotated[int, Field(ge=0)] = 3
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class ExtractParams(_Section):
+    """Frozen-feature extraction into the Zarr store."""
+
+    batch_size: Annotated[int, Field(ge=1)] = 250
+    chunk_mb: Annotated[float, Field(gt=0)] = 4.0
+    """Target size of one Zarr chunk file; rows per chunk are derived from it and the feature size."""
+    device: Device = "auto"
+
+
+class HeadParams(_Section):
+    """The new head put on top of the cut: linear when `hidden` is empty, else an MLP."""
+
+    hidden: list[Annotated[int, Field(ge=1)]] = []
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    init: HeadInit = "kaiming"
+
+
+class RunParams(_Section):
+    """One transfer experiment: which source, which strategy."""
+
+    source: str
+    strategy: Strategy
+
+
+class TrainParams(_Section):
+    runs: dict[str, RunParams]
+    head: HeadParams = HeadParams()
+    frozen: OptimParams = OptimParams(epochs=30, batch_size=256, lr=1e-3, weight_decay=1e-4, patience=4)
+    """The head trained on stored features."""
+    end_to_end: OptimParams = OptimParams(epochs=6, batch_size=128, lr=1e-3, patience=2)
+    """Fine-tune and scratch: the whole network trains on images."""
+    seed: int = 0
+    device: Device = "auto"
+
+    @field_validator("runs")
+    @classmethod
+    def _names(cls, runs: dict[str, RunParams]) -> dict[str, RunParams]:
+        for name in runs:
+            if not name or any(not (c.isalnum() or c in "-_") for c in name):
+                raise ValueError(f"run name {name!r} may hold only letters, digits, '-' and '_'")
+        return runs
+
+
+class EvaluateParams(_Section):
+    register_as: str = "fmnist-transfer"
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    data: DataParams = DataParams()
+    pretrain: PretrainParams = PretrainParams()
+    sources: dict[str, SourceParams]
+    weights: WeightsParams = WeightsParams()
+    extract: ExtractParams = ExtractParams()
+    train: TrainParams
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _runs_name_sources(self) -> Params:
+        for name, run in self.train.runs.items():
+            if run.source not in self.sources:
+                raise ValueError(f"train.runs.{name}.source is {run.source!r}; expected one of {sorted(self.sources)}")
+        return self
+
+
+def _format_error(path: Path | str, err: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {e['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], origin: Path | str = "<params>") -> Params:
+    """Validate a params mapping; errors name the origin and every bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(origin, err)) from None
+
+
+def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read params.yaml once; `overrides` maps dotted keys ("train.head.init") to values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return parse_params(raw, path)
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw["a"]["b"] = value for "a.b", creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {dotted}: {key!r} is not a section")
+    node[leaf] = value

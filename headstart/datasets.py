@@ -1,0 +1,98 @@
+"""The in-memory form of a classification task (train/val/test splits) and its file form.
+
+The data stage writes one `<name>.npz` (uint8 images, int64 labels) and one `<name>.json`
+(class names, counts, content fingerprint) per task; every later stage reads them back with
+`load_task`, which refuses a file whose content no longer matches its fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headstart.checkpoints import atomic_path
+from headstart.fingerprint import combine, sha256_array
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray
+    """uint8, (N, H, W) grey or (N, H, W, 3) RGB."""
+    labels: np.ndarray
+    """int64, (N,), in 0..num_classes-1."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> Split:
+        return getattr(self, name)
+
+    def fingerprint(self) -> str:
+        """Content hash of every array and the class names (not of the file that holds them)."""
+        parts = [",".join(self.class_names)]
+        for s in SPLITS:
+            parts += [sha256_array(self.split(s).images), sha256_array(self.split(s).labels)]
+        return combine(*parts)
+
+
+def save_task(task: TaskData, directory: Path) -> dict:
+    """Write `<directory>/<name>.npz` and `.json` atomically; return the task's record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for s in SPLITS:
+        arrays[f"{s}_images"] = task.split(s).images
+        arrays[f"{s}_labels"] = task.split(s).labels
+    npz = directory / f"{task.name}.npz"
+    tmp = atomic_path(npz)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, npz)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = {
+        "name": task.name,
+        "class_names": task.class_names,
+        "counts": {s: len(task.split(s)) for s in SPLITS},
+        "fingerprint": task.fingerprint(),
+    }
+    meta = directory / f"{task.name}.json"
+    tmp = atomic_path(meta)
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, meta)
+    return record
+
+
+def load_task(directory: Path, name: str) -> TaskData:
+    """Read a task written by `save_task`; raise if its content does not match its fingerprint."""
+    meta_path = directory / f"{name}.json"
+    npz_path = directory / f"{name}.npz"
+    try:
+        meta = json.loads(meta_path.read_text())
+        with np.load(npz_path, allow_pickle=False) as z:
+            splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err.filename}: missing; run the data stage first") from None
+    task = TaskData(name=name, class_names=list(meta["class_names"]), **splits)
+    if task.fingerprint() != meta["fingerprint"]:
+        raise ValueError(f"{npz_path}: content does not match the fingerprint in {meta_path}; rerun the data stage")
+    return task
