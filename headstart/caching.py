@@ -10,6 +10,7 @@ record lists, so a deleted or altered output turns a cache hit into a recompute.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,17 @@ def content_key(task_name: str, parameters: dict[str, Any]) -> str:
     return combine(task_name, _code_version(), sha256_bytes(canonical_json(_relative(parameters)).encode()))
 
 
-def cached(task_name: str) -> dict[str, Any]:
-    """Options for `@task(**cached("extract"))`: content key, JSON results persisted in the project."""
+def cached(task_name: str, content: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Options for `@task(**cached("extract"))`: content key, JSON results persisted in the project.
+
+    `content(parameters)` adds what the arguments only name: the current bytes behind a path
+    (a data folder, a weights file rewritten by another stage) or a registry alias. Without it
+    such an input could change while the key stays the same.
+    """
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        return content_key(task_name, parameters)
+        extra = {"current_content": content(parameters)} if content is not None else {}
+        return content_key(task_name, {**parameters, **extra})
 
     return {
         "name": task_name,
@@ -62,8 +69,8 @@ def results_dir() -> Path:
 
 
 def output(path: Path) -> dict[str, str]:
-    """One entry of a record's `outputs`: the file and the sha256 it must still have."""
-    return {"path": str(path), "sha256": sha256_file(path)}
+    """One entry of a record's `outputs`: the file (project-relative) and the sha256 it must still have."""
+    return {"path": _relative(Path(path)), "sha256": sha256_file(path)}
 
 
 def outputs_intact(record: Any) -> bool:

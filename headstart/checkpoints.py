@@ -10,6 +10,8 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,6 +73,17 @@ def atomic_path(final: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
     os.close(fd)
     return Path(tmp)
+
+
+@contextmanager
+def atomic_write(final: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; it replaces `final` only when the block completes."""
+    tmp = atomic_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> str:

@@ -39,6 +39,10 @@ class DataParams(_Section):
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     train_fraction: Fraction = 1.0
     """Share of the target's training split used; the subsets are nested (5% lies inside 10%)."""
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """Share of each image-folder class held out as the test split (Fashion-MNIST has its own)."""
+    folder_image_size: Annotated[int, Field(ge=8, le=512)] = 64
+    """Image-folder pictures are converted to RGB and resized to this square size."""
     seed: int = 0
 
     @model_validator(mode="after")

@@ -81,3 +81,12 @@ def code_version(modules: Iterable[str] = ("headstart", "tasks")) -> str:
             h.update(str(path.relative_to(_PROJECT)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def files_version(paths: Iterable[str]) -> str:
+    """Hash of named project files (paths relative to the project): a narrower code version for one stage."""
+    h = hashlib.sha256()
+    for rel in paths:
+        h.update(rel.encode())
+        h.update((_PROJECT / rel).read_bytes())
+    return h.hexdigest()

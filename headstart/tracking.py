@@ -19,6 +19,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from headstart.caching import run_logger
 from headstart.checkpoints import ModelSpec
 from headstart.env import project_root
 
@@ -87,6 +88,12 @@ def training_run(
             mlflow.log_params(flatten(params))
             mlflow.set_tags({"git_commit": git_commit(), **tags})
         yield run
+
+
+def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+    """One epoch's metrics into the active run (step = epoch) and the run's log (no progress bar outside a tty)."""
+    mlflow.log_metrics(dict(metrics), step=epoch)
+    run_logger().info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def log_model(

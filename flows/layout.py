@@ -1,0 +1,44 @@
+"""Where each stage reads and writes, relative to the project root: one table for DVC and Prefect alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / ".cache" / "fashion-mnist"
+
+    @property
+    def source_model(self) -> Path:
+        return self.root / "models" / "source"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def weights_cache(self) -> Path:
+        return self.root / ".cache" / "weights"
+
+    def store_root(self, source: str) -> Path:
+        return self.root / "features" / source
+
+    def extract_record(self, source: str) -> Path:
+        return self.root / "features" / f"{source}.json"
+
+    def run_model(self, run: str) -> Path:
+        return self.root / "models" / "runs" / run
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"

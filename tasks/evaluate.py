@@ -1,0 +1,99 @@
+"""The evaluate stage: a trained run scored on the target's test split, reported, logged and registered.
+
+A frozen run is scored by its head on the stored test features (the body's output for those
+images, computed once by extract): the same numbers up to float noise, without re-running the body.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from prefect import task
+
+from headstart import tracking
+from headstart.backbones import CLASSIFIER, StagedNet
+from headstart.caching import cached, output, run_logger
+from headstart.checkpoints import ModelSpec, atomic_write, load_model
+from headstart.config import EvaluateParams
+from headstart.datasets import load_task
+from headstart.fit import predict_logits
+from headstart.metrics import classification_report, confusion_figure
+from headstart.serving import predict_proba
+from headstart.sources import local_path
+from headstart.store import provenance
+from tasks.train import stored_features
+
+
+def head_predictions(net: StagedNet, features: np.ndarray) -> np.ndarray:
+    """Classes predicted by the network's head alone from the activations at its cut."""
+    return predict_logits(net.stages[CLASSIFIER], features).argmax(1).numpy()
+
+
+def image_predictions(net: StagedNet, spec: ModelSpec, images: np.ndarray) -> np.ndarray:
+    """Classes predicted by the whole network from raw images, through the serving code path."""
+    net.eval()
+    return predict_proba(net, spec, images).argmax(1)
+
+
+def mlflow_metrics(report: dict) -> dict[str, float]:
+    """Test metrics as MLflow names them: test_accuracy, test_macro_f1, test_precision.<class>, ..."""
+    metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]}
+    for name, scores in report["per_class"].items():
+        for key in ("precision", "recall"):
+            metrics[f"test_{key}.{name}"] = scores[key]
+    return metrics
+
+
+@task(**cached("evaluate"))
+def evaluate(
+    run_name: str,
+    train_record: dict,
+    extract_record: dict | None,
+    data_record: dict,
+    params: EvaluateParams,
+    data_dir: Path,
+    reports_dir: Path,
+) -> dict:
+    """Score, write `reports/<run>/metrics.json` and `confusion.png`, add both to the train run, register the model."""
+    log = run_logger()
+    model_path = local_path(train_record["path"])
+    net, spec = load_model(model_path, train_record["sha256"])
+    test = load_task(Path(data_dir), "target").test
+    if train_record["strategy"] == "frozen":
+        if extract_record is None:
+            raise ValueError(
+                f"run {run_name!r} is frozen: it is scored on stored features and needs the extract record"
+            )
+        prov = provenance(train_record["weights_sha256"], spec.arch, spec.cut, spec.preprocess)
+        y_pred = head_predictions(net, stored_features(extract_record["store_path"], prov, test.images))
+    else:
+        y_pred = image_predictions(net, spec, test.images)
+    report = classification_report(test.labels, y_pred, spec.class_names)
+
+    out = Path(reports_dir) / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, confusion_path = out / "metrics.json", out / "confusion.png"
+    with atomic_write(metrics_path) as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "confusion_matrix"}, indent=2))
+    title = f"{run_name}: test accuracy {report['accuracy']:.4f}"
+    with atomic_write(confusion_path) as tmp:
+        confusion_figure(np.asarray(report["confusion_matrix"]), spec.class_names, title).savefig(tmp, format="png")
+
+    with tracking.training_run(run_name, {}, {}, run_id=train_record["mlflow_run_id"]):
+        mlflow.log_metrics(mlflow_metrics(report))
+        mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
+        mlflow.log_artifact(str(confusion_path), artifact_path="evaluation")
+        version = tracking.log_model(
+            model_path, train_record["sha256"], spec, register_as=params.register_as, score=train_record["val_accuracy"]
+        )
+    log.info("%s: test accuracy %.4f, macro-F1 %.4f", run_name, report["accuracy"], report["macro_f1"])
+    return {
+        "run_name": run_name,
+        "test_accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "registered_version": version.version if version is not None else None,
+        "outputs": [output(metrics_path), output(confusion_path)],
+    }

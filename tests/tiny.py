@@ -1,0 +1,79 @@
+"""Tiny, learnable Fashion-MNIST look-alikes and the real params.yaml shrunk to a seconds-long run."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+MOBILENET = REPO / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+IDX_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte.gz",
+    ("train", "labels"): "train-labels-idx1-ubyte.gz",
+    ("test", "images"): "t10k-images-idx3-ubyte.gz",
+    ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes of a uint8 array: magic 0x0803 for images (3-d), 0x0801 for labels (1-d)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 + array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.tobytes()
+
+
+def tiny_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 images over the 10 labels; each label is a bar at its own place, plus noise, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row = 2 + 2 * label + rng.integers(0, 2)
+        images[i, row : row + 3, 4:24] = 220
+    return images, labels.astype(np.uint8)
+
+
+def write_tiny_fmnist(folder: Path, n_train: int = 800, n_test: int = 300, seed: int = 0) -> Path:
+    """The four IDX .gz files of a tiny Fashion-MNIST stand-in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images, labels = tiny_images(n, s)
+        (folder / IDX_FILES[(split, "images")]).write_bytes(gzip.compress(encode_idx(images), mtime=0))
+        (folder / IDX_FILES[(split, "labels")]).write_bytes(gzip.compress(encode_idx(labels), mtime=0))
+    return folder
+
+
+def tiny_params(data_root: Path, **overrides: Any) -> dict[str, Any]:
+    """The real params.yaml with every loop shrunk to an epoch or two on tiny data."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["root"] = str(data_root)
+    raw["pretrain"].update(epochs=1, batch_size=64)
+    raw["sources"]["imagenet"]["image_size"] = 32
+    raw["extract"]["batch_size"] = 64
+    raw["train"]["frozen"].update(epochs=3, batch_size=64)
+    raw["train"]["end_to_end"].update(epochs=1, batch_size=64)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return raw
+
+
+def install_mobilenet(torch_home: Path) -> bool:
+    """Put the real ImageNet MobileNetV2 file (placed by `make install`) into a torch hub cache."""
+    if not MOBILENET.is_file():
+        return False
+    target = torch_home / "hub" / "checkpoints" / MOBILENET.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        shutil.copyfile(MOBILENET, target)
+    return True

@@ -1,0 +1,164 @@
+"""Metrics against hand-computed cases and sklearn; the evaluate task's report, figure, MLflow run and registry."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+from headstart import metrics, tracking
+from headstart.checkpoints import load_model
+from headstart.config import EvaluateParams
+from headstart.datasets import load_task
+from headstart.store import provenance
+from tasks.evaluate import evaluate, head_predictions, image_predictions
+from tasks.train import stored_features, train
+from tests.unit.training_setup import Setup, prepare
+
+Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
+Y_PRED = np.array([0, 1, 1, 1, 2, 0])
+NAMES = ["a", "b", "c"]
+PARAMS = EvaluateParams(register_as="test-transfer")
+
+
+def test_metrics_by_hand():
+    cm = metrics.confusion_matrix(Y_TRUE, Y_PRED, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert metrics.accuracy(Y_TRUE, Y_PRED) == pytest.approx(4 / 6)
+    per = metrics.per_class(Y_TRUE, Y_PRED, NAMES)
+    assert [per[n]["precision"] for n in NAMES] == pytest.approx([1 / 2, 2 / 3, 1.0])
+    assert [per[n]["recall"] for n in NAMES] == pytest.approx([1 / 2, 1.0, 1 / 2])
+    assert [per[n]["support"] for n in NAMES] == [2, 2, 2]
+    assert metrics.macro_f1(Y_TRUE, Y_PRED, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_macro_f1_and_per_class_match_sklearn():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 5, 300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 4, 300))  # class 4 is never predicted
+    labels = list(range(5))
+    assert metrics.macro_f1(y_true, y_pred, 5) == pytest.approx(
+        f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    )
+    per = metrics.per_class(y_true, y_pred, list("vwxyz"))
+    p = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    r = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    assert [per[n]["precision"] for n in "vwxyz"] == pytest.approx(p.tolist())
+    assert [per[n]["recall"] for n in "vwxyz"] == pytest.approx(r.tolist())
+
+
+def test_bad_labels_are_named():
+    with pytest.raises(ValueError, match="outside 0..2"):
+        metrics.confusion_matrix(np.array([0, 3]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="2 labels but y_pred 1"):
+        metrics.accuracy(np.array([0, 1]), np.array([0]))
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def test_figures_are_pure_and_render():
+    fig = metrics.confusion_figure(metrics.confusion_matrix(Y_TRUE, Y_PRED, 3), NAMES)
+    assert isinstance(fig, Figure)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == NAMES
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(["1", "1", "0", "0", "2", "0", "1", "0", "1"])
+    assert png_bytes(fig).startswith(b"\x89PNG")
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.5 / e, "train_accuracy": 0.5, "val_accuracy": 0.4}
+        for e in (1, 2, 3)
+    ]
+    curves = metrics.curves_figure(history)
+    assert [len(ax.lines) for ax in curves.axes] == [2, 2]
+    assert list(curves.axes[0].lines[1].get_ydata()) == [1.5, 0.75, 0.5]
+    assert png_bytes(curves).startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    return prepare(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, dict, Path]]:
+    out = {}
+    for strategy in ("frozen", "finetune"):
+        root = tmp_path_factory.mktemp(strategy)
+        extract_record = setup.extract_record if strategy == "frozen" else None
+        trained = train.fn(
+            run_name=f"eval-{strategy}",
+            run=setup.params.runs[strategy],
+            source=setup.source,
+            params=setup.params,
+            weights_record=setup.weights_record,
+            extract_record=extract_record,
+            data_record=setup.data_record,
+            data_dir=setup.data_dir,
+            out_dir=root / "model",
+        )
+        record = evaluate.fn(
+            run_name=f"eval-{strategy}",
+            train_record=trained,
+            extract_record=extract_record,
+            data_record=setup.data_record,
+            params=PARAMS,
+            data_dir=setup.data_dir,
+            reports_dir=root / "reports",
+        )
+        out[strategy] = (trained, record, root / "reports" / f"eval-{strategy}")
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "finetune"])
+def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
+    trained, record, reports = evaluated[strategy]
+    assert set(record) == {"run_name", "test_accuracy", "macro_f1", "registered_version", "outputs"}
+    report = json.loads((reports / "metrics.json").read_text())
+    assert set(report) == {"accuracy", "macro_f1", "per_class", "n_test"}
+    assert report["n_test"] == 15 and report["accuracy"] == record["test_accuracy"]
+    assert set(report["per_class"]) == {"target-0", "target-1", "target-2"}
+    assert all({"precision", "recall"} <= set(v) for v in report["per_class"].values())
+    assert (reports / "confusion.png").read_bytes().startswith(b"\x89PNG")
+    assert {Path(o["path"]).name for o in record["outputs"]} == {"metrics.json", "confusion.png"}
+
+
+def test_frozen_scores_on_stored_features_equal_the_whole_network_on_images(setup: Setup, evaluated):
+    trained, record, _ = evaluated["frozen"]
+    net, spec = load_model(trained["path"], trained["sha256"])
+    test = load_task(setup.data_dir, "target").test
+    prov = provenance(trained["weights_sha256"], spec.arch, spec.cut, spec.preprocess)
+    from_store = head_predictions(net, stored_features(setup.extract_record["store_path"], prov, test.images))
+    from_images = image_predictions(net, spec, test.images)
+    assert (from_store == from_images).all()
+    assert metrics.accuracy(test.labels, from_images) == record["test_accuracy"]
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "finetune"])
+def test_evaluate_logs_to_the_train_run_and_registers(evaluated, strategy: str):
+    trained, record, _ = evaluated[strategy]
+    client = MlflowClient()
+    run = client.get_run(trained["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(record["test_accuracy"])
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(record["macro_f1"])
+    assert "test_recall.target-0" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == trained["epochs"]  # train's metrics kept
+    evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert evaluation == {"evaluation/metrics.json", "evaluation/confusion.png"}
+    version = client.get_model_version(PARAMS.register_as, record["registered_version"])
+    assert version.run_id == run.info.run_id and version.tags[tracking.WEIGHTS_SHA_TAG] == trained["sha256"]
+    assert float(version.tags["score"]) == pytest.approx(trained["val_accuracy"])
+
+
+def test_frozen_without_features_is_a_clear_error(evaluated, setup: Setup, tmp_path: Path):
+    trained, _, _ = evaluated["frozen"]
+    with pytest.raises(ValueError, match="needs the extract record"):
+        evaluate.fn("x", trained, None, setup.data_record, PARAMS, setup.data_dir, tmp_path)

@@ -1,0 +1,184 @@
+"""The extract stage: end to end into a real Zarr store, incremental, and resumed after SIGKILL bitwise equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from headstart.backbones import Preprocess, create_model, preprocess
+from headstart.caching import outputs_intact
+from headstart.checkpoints import load_weights, save_weights
+from headstart.config import ExtractParams
+from headstart.datasets import SPLITS, Split, TaskData, save_task
+from headstart.fingerprint import row_keys
+from headstart.store import FeatureStore, IncompleteStoreError, provenance, store_path
+from tasks.extract import extract, extract_features
+
+REPO = Path(__file__).resolve().parents[2]
+PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
+PARAMS = ExtractParams(batch_size=16, chunk_mb=0.5, device="cpu")  # 12544 B rows: 32-row chunks, 10 per 300
+
+
+def make_task(n: int = 300, seed: int = 0) -> TaskData:
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 5, size=n).astype(np.int64)
+    a, b = int(n * 0.6), int(n * 0.8)
+    return TaskData(
+        "target",
+        [f"c{i}" for i in range(5)],
+        Split(imgs[:a], labels[:a]),
+        Split(imgs[a:b], labels[a:b]),
+        Split(imgs[b:], labels[b:]),
+    )
+
+
+def all_images(task: TaskData) -> np.ndarray:
+    return np.concatenate([task.split(s).images for s in SPLITS])
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "source.safetensors"
+    sha = save_weights(create_model("fmnist_cnn", 5).state_dict(), path)
+    return {
+        "source": "fmnist",
+        "uri": str(path),
+        "path": str(path),
+        "sha256": sha,
+        "arch": "fmnist_cnn",
+        "cut": "block2",
+        "preprocess": PRE.model_dump(mode="json"),
+    }
+
+
+def prov(weights: dict) -> dict:
+    return provenance(weights["sha256"], "fmnist_cnn", "block2", PRE)
+
+
+def test_extract_end_to_end_then_incremental(tmp_path: Path, weights: dict) -> None:
+    task = make_task()
+    data_dir, root = tmp_path / "data", tmp_path / "features"
+    record = save_task(task, data_dir)
+
+    first = extract.fn("fmnist", weights, record, PARAMS, data_dir, root)
+    assert first["computed"] == 300 and first["rows"] == 300
+    assert first["feature_shape"] == [64, 7, 7]
+    assert Path(first["store_path"]) == store_path(root, prov(weights))
+    assert outputs_intact(first)
+
+    keys = row_keys(all_images(task))
+    stored = FeatureStore.open(first["store_path"], prov(weights)).read(keys)
+    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights["path"], weights["sha256"])[0])
+    with torch.no_grad():
+        direct = net.eval().upto("block2")(preprocess(all_images(task), PRE)).numpy()
+    np.testing.assert_allclose(stored, direct, rtol=1e-5, atol=1e-5)
+
+    second = extract.fn("fmnist", weights, record, PARAMS, data_dir, root)
+    assert second["computed"] == 0 and second["rows"] == 300
+    assert second["outputs"] == first["outputs"]
+
+    extra = np.random.default_rng(9).integers(0, 256, size=(30, 28, 28), dtype=np.uint8)
+    grown = replace(
+        task,
+        train=Split(
+            np.concatenate([task.train.images, extra]), np.concatenate([task.train.labels, np.zeros(30, np.int64)])
+        ),
+    )
+    third = extract.fn("fmnist", weights, save_task(grown, data_dir), PARAMS, data_dir, root)
+    assert third["computed"] == 30 and third["rows"] == 330
+    reader = FeatureStore.open(third["store_path"], prov(weights))
+    np.testing.assert_array_equal(reader.read(keys), stored)  # old rows untouched
+
+
+def test_stale_data_record_is_refused(tmp_path: Path, weights: dict) -> None:
+    data_dir = tmp_path / "data"
+    record = save_task(make_task(20), data_dir)
+    with pytest.raises(ValueError, match="rerun the data stage"):
+        extract.fn("fmnist", weights, record | {"fingerprint": "0" * 64}, PARAMS, data_dir, tmp_path / "f")
+
+
+def test_extract_features_yields_batches_from_the_first_image(weights: dict) -> None:
+    body = create_model("fmnist_cnn", 5).upto("block1")
+    imgs = make_task(20).train.images
+    batches = list(extract_features(body, imgs, PRE, 5))
+    assert [len(b) for b in batches] == [5, 5, 2]
+    assert all(b.dtype == np.float32 and b.shape[1:] == (32, 14, 14) for b in batches)
+    assert not body.training
+
+
+_CHILD = """
+import json, sys, time
+from pathlib import Path
+import torch
+from headstart.config import ExtractParams
+from tasks.extract import extract
+
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+extract.fn(
+    "fmnist", args["weights"], args["record"], ExtractParams(**args["params"]),
+    Path(args["data_dir"]), Path(args["root"]), on_chunk=lambda rows: time.sleep(0.25),
+)
+"""
+
+
+def committed_rows(path: Path) -> int:
+    if not (path / "zarr.json").is_file():
+        return 0
+    return int(zarr.open_group(path, mode="r").attrs["rows"])
+
+
+def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: dict) -> None:
+    task = make_task()
+    data_dir = tmp_path / "data"
+    record = save_task(task, data_dir)
+    killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
+    path = store_path(killed_root, prov(weights))
+    args = {
+        "weights": weights,
+        "record": record,
+        "params": PARAMS.model_dump(),
+        "data_dir": str(data_dir),
+        "root": str(killed_root),
+        "threads": torch.get_num_threads(),
+    }
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=REPO, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while committed_rows(path) < 64 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    done = committed_rows(path)
+    assert 64 <= done < 300, done
+    with pytest.raises(IncompleteStoreError):
+        FeatureStore.open(path, prov(weights))
+
+    resumed = extract.fn("fmnist", weights, record, PARAMS, data_dir, killed_root)
+    assert resumed["computed"] == 300 - done
+    clean = extract.fn("fmnist", weights, record, PARAMS, data_dir, clean_root)
+    assert clean["computed"] == 300
+
+    keys = row_keys(all_images(task))
+    a = FeatureStore.open(resumed["store_path"], prov(weights))
+    b = FeatureStore.open(clean["store_path"], prov(weights))
+    np.testing.assert_array_equal(a.committed_keys(), b.committed_keys())
+    fa, fb = a.read(keys), b.read(keys)
+    assert fa.dtype == fb.dtype == np.float32
+    assert np.array_equal(fa.view(np.uint32), fb.view(np.uint32))  # bitwise, not just close

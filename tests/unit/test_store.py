@@ -1,0 +1,228 @@
+"""The Zarr feature store: provenance checked on open, incremental append, completion marker, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from headstart.backbones import Preprocess
+from headstart.fingerprint import row_keys
+from headstart.store import (
+    MARKER,
+    FeatureStore,
+    IncompleteStoreError,
+    MissingRowsError,
+    ProvenanceError,
+    StoreError,
+    provenance,
+    rows_per_chunk,
+    store_path,
+)
+
+PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
+SHAPE = (3, 4)
+CHUNK = 8
+
+
+def prov(cut: str = "block2") -> dict:
+    return provenance("ab" * 32, "fmnist_cnn", cut, PRE)
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 6, 6), dtype=np.uint8)
+
+
+def expected_features(keys: np.ndarray) -> np.ndarray:
+    """A deterministic stand-in for a network: features derived from each key's bytes."""
+    return (keys[:, :12].astype(np.float32) / 7.0).reshape(-1, *SHAPE)
+
+
+class Counter:
+    """compute() for FeatureStore.extend that records the size of every segment it is asked for."""
+
+    def __init__(self, keys: np.ndarray, fail_after: int | None = None):
+        self.keys = keys
+        self.segments: list[int] = []
+        self.fail_after = fail_after
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        if self.fail_after is not None and len(self.segments) >= self.fail_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.segments.append(len(idx))
+        return expected_features(self.keys[idx])
+
+    @property
+    def rows(self) -> int:
+        return sum(self.segments)
+
+
+def new_store(root: Path, p: dict | None = None) -> FeatureStore:
+    p = p or prov()
+    return FeatureStore.open_or_create(store_path(root, p), p, SHAPE, CHUNK)
+
+
+def test_rows_per_chunk_targets_the_chunk_size() -> None:
+    assert rows_per_chunk((64, 7, 7), 4.0, 250) == 250  # 334 rows of 12544 B fit in 4 MiB
+    assert rows_per_chunk((1280,), 4.0, 250) == 750
+    assert rows_per_chunk((1280,), 4.0, 1000) == 819  # fewer rows than a batch: kept as is
+    assert rows_per_chunk((10_000_000,), 1.0, 16) == 1
+
+
+def test_read_returns_features_in_the_order_of_the_keys(tmp_path: Path) -> None:
+    keys = row_keys(images(50))
+    store = new_store(tmp_path)
+    assert store.extend(keys, Counter(keys)) == 50
+    reader = FeatureStore.open(store.path, prov())
+    assert reader.rows == 50 and reader.feature_shape == SHAPE
+    pick = np.random.default_rng(1).permutation(50)[:30]
+    pick = np.concatenate([pick, pick[:3]])  # repeats are fine
+    np.testing.assert_array_equal(reader.read(keys[pick]), expected_features(keys[pick]))
+    assert reader.read(keys[:0]).shape == (0, *SHAPE)
+
+
+def test_extend_computes_only_new_keys_in_chunk_aligned_segments(tmp_path: Path) -> None:
+    first = row_keys(images(10))
+    store = new_store(tmp_path)
+    assert store.extend(first, Counter(first)) == 10
+
+    more = np.concatenate([first, row_keys(images(10, seed=1))])
+    count = Counter(more)
+    assert store.extend(more, count) == 10
+    # rows 10..16 finish the partial chunk, 16..20 start the next: segments follow chunk boundaries
+    assert count.segments == [6, 4]
+    assert count.rows == 10
+    again = Counter(more)
+    assert store.extend(more, again) == 0 and again.rows == 0
+    reader = FeatureStore.open(store.path, prov())
+    np.testing.assert_array_equal(reader.read(more), expected_features(more))
+
+
+def test_duplicate_images_are_stored_once(tmp_path: Path) -> None:
+    imgs = images(12)
+    imgs = np.concatenate([imgs, imgs[[0, 5, 5]]])
+    keys = row_keys(imgs)
+    store = new_store(tmp_path)
+    assert store.extend(keys, Counter(keys)) == 12
+    reader = FeatureStore.open(store.path, prov())
+    assert reader.rows == 12
+    got = reader.read(keys)
+    np.testing.assert_array_equal(got[12], got[0])
+    np.testing.assert_array_equal(got[14], got[5])
+
+
+def test_missing_keys_are_an_error_that_says_how_many(tmp_path: Path) -> None:
+    keys = row_keys(images(5))
+    store = new_store(tmp_path)
+    store.extend(keys[:3], Counter(keys))
+    reader = FeatureStore.open(store.path, prov())
+    with pytest.raises(MissingRowsError, match=r"2 of 5 keys have no stored features.*extract"):
+        reader.read(keys)
+    with pytest.raises(ValueError, match=r"uint8 of shape \(n, 32\)"):
+        reader.read(np.zeros((2, 16), dtype=np.uint8))
+
+
+def test_another_extractors_store_is_refused_naming_attribute_and_values(tmp_path: Path) -> None:
+    keys = row_keys(images(4))
+    store = new_store(tmp_path)
+    store.extend(keys, Counter(keys))
+    with pytest.raises(ProvenanceError, match=r"attribute 'cut' is 'block2' but the extractor has 'block1'") as err:
+        FeatureStore.open(store.path, prov(cut="block1"))
+    assert str(store.path) in str(err.value)
+
+    zarr.open_group(store.path, mode="r+").attrs.update({"weights_sha256": "cd" * 32})
+    with pytest.raises(
+        ProvenanceError, match=rf"'weights_sha256' is '{'cd' * 32}' but the extractor has '{'ab' * 32}'"
+    ):
+        FeatureStore.open(store.path, prov())
+    with pytest.raises(ProvenanceError):
+        FeatureStore.open_or_create(store.path, prov(), SHAPE, CHUNK)
+
+
+def test_feature_shape_mismatch_is_refused(tmp_path: Path) -> None:
+    new_store(tmp_path)
+    with pytest.raises(StoreError, match=r"shape \(3, 4\), the extractor gives \(5,\)"):
+        FeatureStore.open_or_create(store_path(tmp_path, prov()), prov(), (5,), CHUNK)
+
+
+def test_store_without_a_valid_marker_is_not_complete(tmp_path: Path) -> None:
+    keys = row_keys(images(20))
+    store = new_store(tmp_path)
+    assert not store.complete  # freshly created, nothing published
+    with pytest.raises(IncompleteStoreError, match="no COMMITTED.json"):
+        FeatureStore.open(store.path, prov())
+    store.extend(keys, Counter(keys))
+    marker = store.path / MARKER
+    good = marker.read_text()
+    assert FeatureStore.open(store.path, prov()).complete
+
+    marker.unlink()
+    with pytest.raises(IncompleteStoreError, match=rf"{store.path}.*no COMMITTED.json.*run the extract stage"):
+        FeatureStore.open(store.path, prov())
+
+    stale = json.loads(good) | {"rows": 8}
+    marker.write_text(json.dumps(stale))
+    with pytest.raises(IncompleteStoreError, match="stale: it records 8 rows, attribute 'rows' is 20"):
+        FeatureStore.open(store.path, prov())
+
+    marker.write_text(json.dumps(json.loads(good) | {"keys_sha256": "0" * 64}))
+    with pytest.raises(IncompleteStoreError, match="keys fingerprint does not match"):
+        FeatureStore.open(store.path, prov())
+
+    marker.write_text(good)
+    zarr.open_group(store.path, mode="r+").attrs.update({"complete": False})
+    with pytest.raises(IncompleteStoreError, match="'complete' is not true"):
+        FeatureStore.open(store.path, prov())
+
+
+def test_interrupted_extend_commits_whole_chunks_and_resumes_without_recomputing(tmp_path: Path) -> None:
+    keys = row_keys(images(30))
+    store = new_store(tmp_path)
+    crash = Counter(keys, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        store.extend(keys, crash)
+    assert crash.rows == 2 * CHUNK
+    with pytest.raises(IncompleteStoreError):
+        FeatureStore.open(store.path, prov())
+    again = new_store(tmp_path)
+    assert again.rows == 2 * CHUNK and not again.complete
+    resume = Counter(keys)
+    assert again.extend(keys, resume) == 30 - 2 * CHUNK
+    assert resume.segments == [8, 6]
+    reader = FeatureStore.open(store.path, prov())
+    np.testing.assert_array_equal(reader.read(keys), expected_features(keys))
+    np.testing.assert_array_equal(reader.committed_keys(), keys)
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    keys = row_keys(images(10))
+    first = new_store(tmp_path)
+    second = new_store(tmp_path)
+    errors: list[Exception] = []
+
+    def compute(idx: np.ndarray) -> np.ndarray:
+        try:
+            second.extend(keys, Counter(keys))
+        except StoreError as err:
+            errors.append(err)
+        return expected_features(keys[idx])
+
+    first.extend(keys, compute)
+    assert errors and "another process is extracting" in str(errors[0])
+
+
+def test_corrupt_chunk_raises(tmp_path: Path) -> None:
+    keys = row_keys(images(20))
+    store = new_store(tmp_path)
+    store.extend(keys, Counter(keys))
+    chunk = store.path / "features" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    reader = FeatureStore.open(store.path, prov())
+    np.testing.assert_array_equal(reader.read(keys[:8]), expected_features(keys[:8]))  # chunk 0 is intact
+    with pytest.raises(StoreError, match=r"features: rows 8\.\.16 unreadable"):
+        reader.read(keys[10:11])

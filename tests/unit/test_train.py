@@ -1,0 +1,159 @@
+"""The train task: frozen head on stored features, fine-tune and scratch end to end, each one MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from headstart.backbones import preprocess
+from headstart.checkpoints import load_model
+from headstart.config import OptimParams, TrainParams
+from headstart.datasets import load_task
+from headstart.fingerprint import sha256_file
+from headstart.fit import predict_logits
+from headstart.sources import load_source
+from tasks.train import end_to_end_net, train, train_frozen_head
+from tests.unit.training_setup import PRE, Setup, prepare
+
+RECORD_KEYS = {"run_name", "strategy", "source", "path", "sha256", "mlflow_run_id", "val_accuracy", "val_loss"}
+RECORD_KEYS |= {"epochs", "seconds", "outputs"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    return prepare(tmp_path_factory.mktemp("train"))
+
+
+def run_train(setup: Setup, strategy: str, out_dir: Path) -> dict:
+    return train.fn(
+        run_name=f"test-{strategy}",
+        run=setup.params.runs[strategy],
+        source=setup.source,
+        params=setup.params,
+        weights_record=setup.weights_record,
+        extract_record=setup.extract_record if strategy == "frozen" else None,
+        data_record=setup.data_record,
+        data_dir=setup.data_dir,
+        out_dir=out_dir,
+    )
+
+
+@pytest.fixture(scope="module")
+def records(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("runs")
+    return {s: run_train(setup, s, root / s) for s in ("frozen", "finetune", "scratch")}
+
+
+def state(net: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {k: v for k, v in net.state_dict().items() if k.startswith(prefix)}
+
+
+def test_frozen_head_pure_path_on_arrays():
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = (np.eye(3)[y] * 4 + rng.normal(0, 1, (90, 3))).astype(np.float32)
+    params = TrainParams(runs={}, frozen=OptimParams(epochs=20, batch_size=16, lr=5e-2), device="cpu")
+    head, result = train_frozen_head((x[:60], y[:60]), (x[60:], y[60:]), (3,), 3, params)
+    assert result.best["val_accuracy"] >= 0.9
+    again, _ = train_frozen_head((x[:60], y[:60]), (x[60:], y[60:]), (3,), 3, params)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_finetune_starts_pretrained_and_scratch_from_a_seeded_fresh_init(setup: Setup):
+    source = load_source(setup.weights_record)
+    finetune = end_to_end_net(source, "fmnist_cnn", "finetune", 3, setup.params.head, PRE, seed=0)
+    scratch = end_to_end_net(source, "fmnist_cnn", "scratch", 3, setup.params.head, PRE, seed=0)
+    scratch_again = end_to_end_net(source, "fmnist_cnn", "scratch", 3, setup.params.head, PRE, seed=0)
+    body = state(source.upto("fc1"))
+    assert all(torch.equal(body[k], v) for k, v in state(finetune, "stages.fc").items())
+    assert all(torch.equal(body[k], v) for k, v in state(finetune, "stages.block").items())
+    assert not any(torch.equal(body[k], v) for k, v in state(scratch, "stages.block").items() if v.ndim > 1)
+    assert all(torch.equal(a, b) for a, b in zip(state(scratch).values(), state(scratch_again).values(), strict=True))
+    assert state(source.upto("fc1")).keys() <= state(scratch).keys()  # the very same architecture
+    assert all(p.requires_grad for p in scratch.parameters()) and all(p.requires_grad for p in finetune.parameters())
+    assert torch.equal(body["stages.block1.0.weight"], state(source)["stages.block1.0.weight"]), "source untouched"
+    with pytest.raises(ValueError, match="finetune or scratch"):
+        end_to_end_net(source, "fmnist_cnn", "frozen", 3, setup.params.head, PRE, seed=0)
+
+
+def test_frozen_run_trains_only_the_head_and_predicts_from_images(setup: Setup, records: dict[str, dict]):
+    record = records["frozen"]
+    assert set(record) >= RECORD_KEYS and record["strategy"] == "frozen"
+    net, spec = load_model(Path(record["path"]), record["sha256"])
+    assert (
+        spec.cut == "block2"
+        and spec.head == setup.params.head
+        and spec.class_names == ["target-0", "target-1", "target-2"]
+    )
+    source = load_source(setup.weights_record)
+    body = state(source.upto("block2"))
+    assert all(torch.equal(body[k], v) for k, v in state(net, "stages.block").items()), "frozen layers changed"
+
+    test = load_task(setup.data_dir, "target").test
+    from_images = predict_logits(net, test.images, transform=lambda x: preprocess(x, spec.preprocess))
+    features = predict_logits(source.upto("block2"), test.images, transform=lambda x: preprocess(x, PRE))
+    from_features = predict_logits(net.stages["classifier"], features)
+    torch.testing.assert_close(from_images, from_features)
+
+
+def test_frozen_run_is_deterministic(setup: Setup, records: dict[str, dict], tmp_path: Path):
+    assert run_train(setup, "frozen", tmp_path)["sha256"] == records["frozen"]["sha256"]
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "scratch"])
+def test_end_to_end_runs_train_every_layer(setup: Setup, records: dict[str, dict], strategy: str):
+    record = records[strategy]
+    assert set(record) >= RECORD_KEYS and record["strategy"] == strategy and record["epochs"] == 2
+    net, spec = load_model(Path(record["path"]), record["sha256"])
+    assert spec.cut == "fc1" and spec.dropout == 0.3  # the source model's own dropout, kept
+    source = state(load_source(setup.weights_record))
+    assert not any(torch.equal(source[k], v) for k, v in state(net, "stages.block").items())
+
+    history = json.loads((Path(record["path"]).parent / "history.json").read_text())
+    assert len(history["history"]) == record["epochs"] and history["best_epoch"] >= 1
+    best = history["history"][history["best_epoch"] - 1]
+    assert (best["val_accuracy"], best["val_loss"]) == (record["val_accuracy"], record["val_loss"])
+    assert {o["sha256"] for o in record["outputs"]} == {
+        sha256_file(record["path"]),
+        sha256_file(Path(record["path"]).parent / "history.json"),
+    }
+
+
+def test_each_run_is_one_finished_mlflow_run(setup: Setup, records: dict[str, dict]):
+    client = MlflowClient()
+    for strategy, record in records.items():
+        run = client.get_run(record["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == f"test-{strategy}"
+        tags, params = run.data.tags, run.data.params
+        assert tags["stage"] == "train" and tags["strategy"] == strategy and tags["source"] == "fmnist"
+        assert tags["weights_sha256"] == setup.weights_record["sha256"]
+        assert tags["data_fingerprint"] == setup.data_record["fingerprint"]
+        assert ("feature_store_key" in tags) == (strategy == "frozen")
+        assert params["strategy"] == strategy and params["source.cut"] == "block2" and params["head.hidden"] == "[8]"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(
+            range(1, record["epochs"] + 1)
+        )
+        assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert records["frozen"]["mlflow_run_id"] != records["finetune"]["mlflow_run_id"]
+    tags = client.get_run(records["frozen"]["mlflow_run_id"]).data.tags
+    assert tags["feature_store_key"] == setup.extract_record["store_key"]
+
+
+def test_frozen_without_features_is_a_clear_error(setup: Setup, tmp_path: Path):
+    with pytest.raises(ValueError, match="needs the extract stage's record"):
+        train.fn(
+            run_name="bad",
+            run=setup.params.runs["frozen"],
+            source=setup.source,
+            params=setup.params,
+            weights_record=setup.weights_record,
+            extract_record=None,
+            data_record=setup.data_record,
+            data_dir=setup.data_dir,
+            out_dir=tmp_path,
+        )
