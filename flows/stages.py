@@ -49,8 +49,12 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write atomically, and not at all when unchanged: a warm run leaves every file untouched."""
+    text = json.dumps(record, indent=2, sort_keys=True)
+    if path.is_file() and path.read_text() == text:
+        return
     tmp = atomic_path(path)
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

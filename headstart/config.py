@@ -158,6 +158,30 @@ class EvaluateParams(_Section):
     register_as: str = "fmnist-transfer"
 
 
+SweepStrategy = Literal["frozen", "finetune", "scratch"]
+"""Strategies a sweep cell can train (tasks/sweep.py `CELL_KINDS`); "partial" and "frozen at the best
+stored cut" join both lists once the train stage offers them."""
+
+
+class SweepParams(_Section):
+    """The Fashion-MNIST experiment: each strategy on nested fractions of the target's training split, per seed."""
+
+    source: str = "fmnist"
+    """The source transferred from (a key of `sources`); frozen cells use its stored features at its cut."""
+    fractions: list[Fraction] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0]
+    """Shares of the training split; nested, so each fraction's images include the smaller ones'."""
+    strategies: list[SweepStrategy] = ["frozen", "finetune", "scratch"]
+    seeds: list[int] = [0]
+    """One cell per seed: the seed draws the subset, initialises the new layers and shuffles the batches."""
+
+    @field_validator("fractions", "strategies", "seeds")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"must be a non-empty list of distinct values, got {values}")
+        return values
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -168,6 +192,13 @@ class Params(_Section):
     extract: ExtractParams = ExtractParams()
     train: TrainParams
     evaluate: EvaluateParams = EvaluateParams()
+    sweep: SweepParams = SweepParams()
+
+    @model_validator(mode="after")
+    def _sweep_source(self) -> Params:
+        if "sweep" in self.model_fields_set and self.sweep.source not in self.sources:
+            raise ValueError(f"sweep.source is {self.sweep.source!r}; expected one of {sorted(self.sources)}")
+        return self
 
     @model_validator(mode="after")
     def _runs_name_sources(self) -> Params:

@@ -8,8 +8,8 @@ per batch, so the same loop, and the same numbers for the same seed, serve every
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ class FitResult:
     best_epoch: int
     """The epoch whose weights the model holds after `fit` (lowest validation loss)."""
     seconds: float
-    stopped_early: bool = field(default=False)
+    stopped_early: bool = False
 
     @property
     def epochs(self) -> int:
@@ -124,7 +124,7 @@ def fit(
         )
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"need at least one training and one validation row, got {len(x_train)} and {len(x_val)}")
-    trainable: Sequence[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
 

@@ -76,6 +76,8 @@ def sh_fail(root: Path, *cmd: str):
 
     from tests.e2e.conftest import BIN, project_env
 
-    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], cwd=root, env=project_env(root), capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(BIN / cmd[0]), *cmd[1:]], cwd=root, env=project_env(root), capture_output=True, text=True
+    )
     assert proc.returncode != 0
     return proc

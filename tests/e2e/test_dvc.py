@@ -12,7 +12,9 @@ import yaml
 from tests.e2e.conftest import make_project, sh
 from tests.tiny import MOBILENET, tiny_params, write_tiny_fmnist
 
-pytestmark = pytest.mark.skipif(not MOBILENET.is_file(), reason="ImageNet MobileNetV2 file not installed (make install)")
+pytestmark = pytest.mark.skipif(
+    not MOBILENET.is_file(), reason="ImageNet MobileNetV2 file not installed (make install)"
+)
 
 
 def ran(proc) -> set[str]:
