@@ -9,7 +9,7 @@ MOBILENET := .torch/hub/checkpoints/mobilenet_v2-b0353104.pth
 MOBILENET_SHA256 := b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install run test ui lint fmnist dvc-setup clean-state
+.PHONY: install run test ui lint fmnist dvc-setup clean-state prefect-server mlflow-server bench bench-quick
 
 install: $(VENV)/.installed fmnist $(MOBILENET) dvc-setup
 
@@ -46,8 +46,25 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Measured speed-ups and cache costs, one table (also written to reports/bench.md); < 20 min on 2 cores.
+bench: install
+	$(BIN)/python -m bench
+
+# The same benchmarks at tiny sizes: proves they still run (asserts nothing about speed).
+bench-quick: install
+	$(BIN)/python -m bench --quick --out reports/bench-quick.md
+
 ui: $(VENV)/.installed
 	$(BIN)/headstart ui
+
+# Servers in the foreground on 127.0.0.1; Ctrl-C (or SIGTERM) stops every process they started.
+# Prefect: scheduling (`headstart schedule`) and its UI on :4200, database in .prefect/.
+prefect-server: $(VENV)/.installed
+	$(BIN)/headstart server prefect
+
+# MLflow tracking server on :5000 (runs, registry and artifacts in .mlflow-server/); MLFLOW_TRACKING_URI points at it.
+mlflow-server: $(VENV)/.installed
+	$(BIN)/headstart server mlflow
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

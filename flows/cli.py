@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,8 +60,29 @@ def run(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 
 
 @app.command()
+def sweep(
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    upstream: Annotated[
+        bool, typer.Option(help="Run data, pretrain, weights and extract first (DVC runs them as their own stages).")
+    ] = True,
+) -> None:
+    """Pretrained vs random initialisation on growing shares of the target data; a rerun resumes where it stopped."""
+    params = _load(params_file, set_)
+    from flows.sweep import fraction_sweep
+
+    result = fraction_sweep(params=params, root=ROOT, upstream=upstream)
+    typer.echo("")
+    typer.echo(result["markdown"])
+    typer.echo("")
+    for line in result["crossover_lines"]:
+        typer.echo(line)
+    typer.echo(f"\nTable, figures and per-cell histories in {ROOT / 'reports' / 'sweep'}; MLflow: `make ui`")
+
+
+@app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="data, pretrain, weights, extract, train or evaluate.")],
+    name: Annotated[str, typer.Argument(help="data, pretrain, weights, extract, advise, train or evaluate.")],
     item: Annotated[str | None, typer.Argument(help="The source (extract) or run (train, evaluate).")] = None,
     params_file: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -76,6 +95,7 @@ def stage(
     lay = Layout(ROOT)
     plain = {"data": stages.run_data, "pretrain": stages.run_pretrain, "weights": stages.run_weights}
     per_item = {"extract": stages.run_extract, "train": stages.run_train, "evaluate": stages.run_evaluate}
+    per_item["advise"] = stages.run_advise
     if name in plain:
         plain[name](params, lay, stages.plain_runner)
     elif name in per_item:
@@ -87,14 +107,153 @@ def stage(
 
 
 @app.command()
+def advise(
+    source: Annotated[list[str] | None, typer.Argument(help="Sources to advise on (default: every source).")] = None,
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Probe each stored cut on the target, measure its size and similarity, recommend a strategy (2x2 table)."""
+    params = _load(params_file, set_)
+    unknown = sorted(set(source or []) - set(params.sources))
+    if unknown:
+        raise typer.BadParameter(f"unknown source(s) {unknown}; expected some of {sorted(params.sources)}")
+    from flows.choose import advice_text, advise_sources
+
+    for record in advise_sources(params=params, root=ROOT, sources=source or sorted(params.sources)).values():
+        typer.echo("")
+        typer.echo(advice_text(record))
+    typer.echo(f"\nProbe tables and plots in {ROOT / 'reports' / 'advise'}; MLflow: `make ui`")
+
+
+@app.command("compare-init")
+def compare_init(
+    source: Annotated[str, typer.Option(help="The source transferred from.")] = "fmnist",
+    strategy: Annotated[str, typer.Option(help="frozen or partial (the head is what differs).")] = "frozen",
+    hidden: Annotated[int, typer.Option(help="Hidden units of the head (0: linear, where init is harmless).")] = 64,
+    init: Annotated[list[str] | None, typer.Option(help="Inits to compare (repeatable; default: all four).")] = None,
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train the same head with each initialisation on the same data: constant inits break it (symmetry)."""
+    params = _load(params_file, set_)
+    from flows.choose import INITS, init_table
+    from flows.choose import compare_init as compare_flow
+
+    inits = init or list(INITS)
+    if strategy not in ("frozen", "partial") or source not in params.sources or set(inits) - set(INITS):
+        raise typer.BadParameter(
+            f"expected --strategy frozen|partial, --source one of {sorted(params.sources)}, --init among {INITS}"
+        )
+    widths = [hidden] if hidden > 0 else []
+    rows = compare_flow(params=params, root=ROOT, source=source, strategy=strategy, hidden=widths, inits=inits)
+    typer.echo("")
+    typer.echo(init_table(rows, widths))
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="PNG/JPEG files, folders of them, or IDX image files.")],
+    model: Annotated[
+        str, typer.Option(help="models:/<name>@<alias>, models:/<name>/<version>, or a model .safetensors file.")
+    ] = "models:/fmnist-transfer@champion",
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array of image, class, probability.")] = False,
+) -> None:
+    """Class and probability per image, preprocessed exactly as the model was trained (its stored spec)."""
+    import json
+
+    from flows.layout import Layout
+    from flows.predict import format_table, predict_files
+
+    try:
+        rows, sha256 = predict_files(model, inputs, Layout(ROOT).weights_cache)
+    except (FileNotFoundError, LookupError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"model {model} (weights sha256 {sha256[:16]})", err=True)
+    typer.echo(format_table(rows))
+
+
+@app.command()
+def schedule(
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    cron: Annotated[str | None, typer.Option(help='A cron expression: "0 2 * * *" is every night at 02:00.')] = None,
+    interval: Annotated[float | None, typer.Option(min=1, help="Seconds between runs (instead of --cron).")] = None,
+    name: Annotated[str, typer.Option(help="The deployment's name in the Prefect UI.")] = "scheduled",
+) -> None:
+    """Run the pipeline on a schedule through a Prefect server (PREFECT_API_URL); Ctrl-C stops and pauses it."""
+    if (cron is None) == (interval is None):
+        raise typer.BadParameter("give exactly one of --cron or --interval")
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            raise typer.BadParameter(f"--cron {cron!r}: not a cron expression (e.g. '0 2 * * *')") from None
+    from prefect.settings import PREFECT_API_URL
+
+    from headstart.servers import healthy
+
+    api = PREFECT_API_URL.value()
+    if not api or not healthy(f"{api.rstrip('/')}/health"):
+        typer.echo(
+            f"scheduling needs a running Prefect server{f' (none answers at {api})' if api else ''}: start one with "
+            "`make prefect-server`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            err=True,
+        )
+        raise typer.Exit(2)
+    params = _load(params_file, set_)
+    from flows.pipeline import serve_transfer
+
+    serve_transfer(params, ROOT, name, cron=cron, interval=interval)
+
+
+@app.command()
+def server(
+    kind: Annotated[str, typer.Argument(help="prefect (scheduling, UI) or mlflow (a tracking server).")],
+    port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1; default 4200 (prefect), 5000 (mlflow).")] = None,
+) -> None:
+    """Run the Prefect server or an MLflow tracking server in the foreground; Ctrl-C (or SIGTERM) stops all of it."""
+    from headstart import servers
+
+    if kind == "prefect":
+        srv = servers.prefect_server(port or 4200)
+        hint = f"export PREFECT_API_URL={srv.url}/api    # then: headstart schedule --cron '0 2 * * *'"
+    elif kind == "mlflow":
+        srv = servers.tracking_server(port or 5000, ROOT / ".mlflow-server")
+        hint = f"export MLFLOW_TRACKING_URI={srv.url}    # then: headstart run"
+    else:
+        raise typer.BadParameter(f"unknown server {kind!r}; expected prefect or mlflow")
+    _serve(srv, hint)
+
+
+def _serve(srv: Any, hint: str) -> None:
+    from headstart import servers
+
+    typer.echo(f"starting the {srv.name} server on {srv.url} ...")
+    try:
+        running = servers.start(srv)
+    except RuntimeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{srv.name} server ready: UI on {srv.url}\n  {hint}\nCtrl-C stops it.")
+    servers.run_until_stopped(running)
+
+
+@app.command()
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
     """Open the MLflow UI on the project's tracking store (lean: one worker, bound to 127.0.0.1)."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    from headstart import servers
+
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (tracking store {uri}); Ctrl-C stops it.")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--workers", "1"]
-    subprocess.run(cmd, env=env, check=False)
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"MLFLOW_TRACKING_URI is the tracking server {uri}: its UI is there.")
+        return
+    _serve(servers.mlflow_server(port, uri), f"tracking store {uri}")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,21 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    def advice(self, source: str) -> Path:
+        """The advise stage's `advice.json` and `probe.png` for one source."""
+        return self.root / "reports" / "advise" / source
+
+    def compare_init(self, run: str) -> Path:
+        """A `headstart compare-init` run's model and history (not a pipeline output)."""
+        return self.root / "models" / "compare-init" / run
+
+    @property
+    def sweep(self) -> Path:
+        """The sweep's table, figures and summary (DVC outs)."""
+        return self.root / "reports" / "sweep"
+
+    @property
+    def sweep_cells(self) -> Path:
+        """One JSON per finished sweep cell; kept across reruns (DVC `persist`) so a stopped sweep resumes."""
+        return self.root / "reports" / "sweep" / "cells"

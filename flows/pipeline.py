@@ -15,8 +15,39 @@ from headstart.config import Params
 
 
 @flow(name="transfer", validate_parameters=False)
-def transfer(params: Params, root: Path) -> dict[str, Any]:
-    """A second run with unchanged inputs reuses every task result (content-keyed caching)."""
-    result = run_all(params, Layout(root), prefect_runner)
+def transfer(params: Params | dict[str, Any], root: Path | str) -> dict[str, Any]:
+    """A second run with unchanged inputs reuses every task result (content-keyed caching).
+
+    A scheduled run (`headstart schedule`) gets the params as the JSON its deployment stores.
+    """
+    params = Params.model_validate(params)
+    result = run_all(params, Layout(Path(root)), prefect_runner)
     create_markdown_artifact(summary_markdown(result), key="transfer-summary", description="headstart run summary")
     return result
+
+
+def serve_transfer(
+    params: Params, root: Path, name: str, cron: str | None = None, interval: float | None = None
+) -> None:
+    """Serve the flow on a schedule until interrupted: one run at a time, the params as loaded now.
+
+    Needs a Prefect server (PREFECT_API_URL): the ephemeral one schedules nothing. On Ctrl-C or
+    SIGTERM the schedule is paused, so no runs pile up while nothing serves them (Prefect's own
+    pause on shutdown does not always happen). The flow is named by module path
+    (flows.pipeline.transfer), so runs start from any working folder.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import EntrypointType
+
+    try:
+        transfer.serve(
+            name=name,
+            cron=cron,
+            interval=interval,
+            parameters={"params": params.model_dump(mode="json"), "root": str(root)},
+            limit=1,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    finally:
+        with get_client(sync_client=True) as client:
+            client.pause_deployment(client.read_deployment_by_name(f"{transfer.name}/{name}").id)

@@ -17,11 +17,13 @@ from flows.layout import Layout
 from headstart.caching import outputs_intact, run_logger
 from headstart.checkpoints import atomic_path
 from headstart.config import Params
+from headstart.tracking import run_url
+from tasks.advise import advise
 from tasks.data import data
 from tasks.evaluate import evaluate
 from tasks.extract import extract
 from tasks.pretrain import pretrain
-from tasks.train import train
+from tasks.train import needs_features, train
 from tasks.weights import weights
 
 Runner = Callable[..., dict[str, Any]]
@@ -95,6 +97,7 @@ def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> dic
         params=params.extract,
         data_dir=lay.data,
         store_root=lay.store_root(source),
+        taps=params.sources[source].taps,
     )
     write_record(lay.extract_record(source), record)
     return record
@@ -102,7 +105,8 @@ def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> dic
 
 def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> dict[str, Any]:
     run = params.train.runs[run_name]
-    extract_record = read_record(lay.extract_record(run.source)) if run.strategy == "frozen" else None
+    extract_record = read_record(lay.extract_record(run.source)) if needs_features(run.strategy) else None
+    advice_record = read_record(lay.advice(run.source) / "advice.json") if run.strategy == "auto" else None
     out_dir = lay.run_model(run_name)
     record = runner(
         train,
@@ -115,6 +119,7 @@ def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> dic
         data_record=read_record(lay.data / "target.json"),
         data_dir=lay.data,
         out_dir=out_dir,
+        advice_record=advice_record,
     )
     write_record(out_dir / "record.json", record)
     return record
@@ -135,20 +140,40 @@ def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> 
     )
 
 
+def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> dict[str, Any]:
+    """Probe the source's stored cuts on the target and recommend a strategy (reports/advise/<source>/)."""
+    return runner(
+        advise,
+        source_name=source,
+        weights_record=read_record(lay.weights / f"{source}.json"),
+        extract_record=read_record(lay.extract_record(source)),
+        data_record=read_record(lay.data / "target.json"),
+        params=params.advise,
+        data_dir=lay.data,
+        out_dir=lay.advice(source),
+    )
+
+
 def frozen_sources(params: Params) -> list[str]:
-    """Sources whose features must be stored: those used by a frozen run."""
-    return sorted({r.source for r in params.train.runs.values() if r.strategy == "frozen"})
+    """Sources whose features must be stored: those used by a run that trains on them (frozen, partial, auto)."""
+    return sorted({r.source for r in params.train.runs.values() if needs_features(r.strategy)})
 
 
 def run_all(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
-    """The whole pipeline in dependency order; returns what the summary table shows."""
-    run_data(params, lay, runner)
+    """The whole pipeline in dependency order; returns what the summary shows (data, sources, runs, MLflow links)."""
+    data_record = run_data(params, lay, runner)
     source = run_pretrain(params, lay, runner) if needs_pretrain(params) else None
-    run_weights(params, lay, runner)
+    weights_record = run_weights(params, lay, runner)
     for name in frozen_sources(params):
         run_extract(params, lay, runner, name)
+    for name in sorted({r.source for r in params.train.runs.values() if r.strategy == "auto"}):
+        run_advise(params, lay, runner, name)
     runs = {}
     for run_name in params.train.runs:
         trained = run_train(params, lay, runner, run_name)
         runs[run_name] = {**trained, **run_evaluate(params, lay, runner, run_name)}
-    return {"source": source, "runs": runs}
+        runs[run_name]["mlflow_url"] = run_url(trained["mlflow_run_id"])
+    if source is not None:
+        source = {**source, "mlflow_url": run_url(source["mlflow_run_id"])}
+    data = {name: data_record[name] for name in ("source", "target", "origin")}
+    return {"data": data, "sources": weights_record["sources"], "source": source, "runs": runs}

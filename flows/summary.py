@@ -1,27 +1,69 @@
-"""The short table a run ends with (terminal and Prefect artifact alike)."""
+"""The summary a run ends with (terminal and the Prefect "transfer-summary" artifact alike)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
+def _link(text: str, url: str | None) -> str:
+    return f"[{text}]({url})" if url else text
+
+
+def _version(record: dict[str, Any]) -> str:
+    return f"v{record['registered_version']}" if record.get("registered_version") else "-"
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
-    """Source accuracy, target accuracy per run, registered models, and where to look next."""
+    """Data fingerprints, sources, source accuracy, per run its strategy, metrics and MLflow run, where to look next."""
     lines = []
+    data = result.get("data")
+    if data:
+        for name in ("source", "target"):
+            task = data[name]
+            counts = ", ".join(f"{n} {split}" for split, n in task["counts"].items())
+            lines.append(
+                f"Data {name}: fingerprint `{task['fingerprint'][:16]}` ({len(task['class_names'])} classes; {counts})"
+            )
+        lines += [f"Data from: {data['origin']}", ""]
+    sources = result.get("sources")
+    if sources:
+        lines += ["| source | weights | arch | cut | weights sha256 |", "|---|---|---|---|---|"]
+        for name, s in sources.items():
+            lines.append(f"| {name} | `{s['uri']}` | {s['arch']} | {s['cut']} | `{s['sha256'][:16]}` |")
+        lines.append("")
     source = result.get("source")
     if source:
         lines.append(
             f"Source model on the source test set: accuracy {source['test_accuracy']:.2%} "
-            f"(registered as {source.get('registered', 'fmnist-source')})"
+            f"(registered {_version(source)}; "
+            f"MLflow run {_link(source['mlflow_run_id'][:12], source.get('mlflow_url'))})"
         )
         lines.append("")
-    lines.append("| run | source | strategy | target test accuracy | macro-F1 | registered |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| run | source | strategy | target test accuracy | macro-F1 | registered | MLflow run |")
+    lines.append("|---|---|---|---|---|---|---|")
     for name, run in result["runs"].items():
+        mlflow_run = _link(run["mlflow_run_id"][:12], run.get("mlflow_url")) if run.get("mlflow_run_id") else "-"
         lines.append(
             f"| {name} | {run['source']} | {run['strategy']} | {run['test_accuracy']:.2%} "
-            f"| {run['macro_f1']:.3f} | {run.get('registered', '-')} |"
+            f"| {run['macro_f1']:.3f} | {_version(run)} | {mlflow_run} |"
         )
     lines.append("")
+    lines += _strategy_notes(result["runs"])
     lines.append("Compare the runs in the MLflow UI: `make ui`, then open http://127.0.0.1:5000")
     return "\n".join(lines)
+
+
+def _strategy_notes(runs: dict[str, Any]) -> list[str]:
+    """What auto chose, and every run that lost to its scratch baseline on validation (negative transfer)."""
+    notes = []
+    for name, run in runs.items():
+        if run["strategy"] == "auto" and run.get("trained"):
+            at = f" at {run['cut']}" if run.get("cut") else ""
+            notes.append(f"{name}: auto trained {run['trained']}{at}.")
+        if run.get("negative_transfer"):
+            notes.append(
+                f"NEGATIVE TRANSFER: {name} ({run.get('chosen') or run['strategy']} from {run['source']}) scored "
+                f"{run['transfer_val_accuracy']:.2%} on validation, scratch on the same data "
+                f"{run['baseline_val_accuracy']:.2%}: transferring from this source hurt."
+            )
+    return [*notes, ""] if notes else []

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
-Strategy = Literal["frozen", "finetune", "scratch"]
+Strategy = Literal["frozen", "partial", "finetune", "scratch", "auto"]
+UpperInit = Literal["pretrained", "random"]
 HeadInit = Literal["kaiming", "xavier", "zeros", "ones"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -88,7 +89,14 @@ class SourceParams(_Section):
     arch: str
     cut: str
     """Name of the stage whose output is stored; everything up to it is frozen."""
+    taps: list[str] = []
+    """More stages whose outputs the same forward pass stores beside the cut's: runs and the probe may cut there."""
     image_size: Annotated[int, Field(ge=8, le=512)] = 28
+
+    @property
+    def stored_cuts(self) -> list[str]:
+        """The cut and the taps (the extract stage orders them as the network does)."""
+        return [self.cut, *(t for t in self.taps if t != self.cut)]
 
     @field_validator("sha256")
     @classmethod
@@ -129,10 +137,22 @@ class HeadParams(_Section):
 
 
 class RunParams(_Section):
-    """One transfer experiment: which source, which strategy."""
+    """One transfer experiment: which source, which strategy (README "Choosing a strategy")."""
 
     source: str
     strategy: Strategy
+    cut: str | None = None
+    """frozen/partial: the stored cut to train on (one of the source's cut and taps); None: the source's cut."""
+    upper_init: UpperInit = "pretrained"
+    """partial: the source layers above the cut start from its weights, or are re-initialised at random."""
+    baseline: bool = False
+    """Also train scratch on the same data and flag negative transfer when it wins on validation (auto: always)."""
+
+    @model_validator(mode="after")
+    def _cut_applies(self) -> RunParams:
+        if self.cut is not None and self.strategy not in ("frozen", "partial"):
+            raise ValueError(f"cut {self.cut!r} applies to frozen and partial runs, not {self.strategy}")
+        return self
 
 
 class TrainParams(_Section):
@@ -142,6 +162,8 @@ class TrainParams(_Section):
     """The head trained on stored features."""
     end_to_end: OptimParams = OptimParams(epochs=6, batch_size=128, lr=1e-3, patience=2)
     """Fine-tune and scratch: the whole network trains on images."""
+    partial: OptimParams = OptimParams(epochs=10, batch_size=128, lr=1e-3, patience=3)
+    """The source layers above the cut plus the head, trained on the stored activations at the cut."""
     seed: int = 0
     device: Device = "auto"
 
@@ -156,6 +178,21 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     register_as: str = "fmnist-transfer"
+
+
+class AdviseParams(_Section):
+    """The strategy advisor: a probe per stored cut, the target's size and similarity, the 2x2 table."""
+
+    probe_per_class: Annotated[int, Field(ge=2)] = 200
+    """Training images per class for each probe (a stratified subset); every probe is scored on validation."""
+    probe: OptimParams = OptimParams(epochs=40, batch_size=64, lr=1e-3, weight_decay=1e-4, patience=5)
+    """The probe: a linear head on one cut's stored activations (or on raw pixels, the reference)."""
+    small_per_class: Annotated[int, Field(ge=1)] = 1000
+    """Fewer training images per class than this is a small target."""
+    similar_gain: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """The source is similar when its best probe removes at least this share of the raw-pixel probe's errors."""
+    seed: int = 0
+    device: Device = "auto"
 
 
 SweepStrategy = Literal["frozen", "finetune", "scratch"]
@@ -193,6 +230,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams = EvaluateParams()
     sweep: SweepParams = SweepParams()
+    advise: AdviseParams = AdviseParams()
 
     @model_validator(mode="after")
     def _sweep_source(self) -> Params:
@@ -205,6 +243,12 @@ class Params(_Section):
         for name, run in self.train.runs.items():
             if run.source not in self.sources:
                 raise ValueError(f"train.runs.{name}.source is {run.source!r}; expected one of {sorted(self.sources)}")
+            stored = self.sources[run.source].stored_cuts
+            if run.cut is not None and run.cut not in stored:
+                raise ValueError(
+                    f"train.runs.{name}.cut is {run.cut!r}; source {run.source!r} stores {stored} "
+                    f"(add it to sources.{run.source}.taps)"
+                )
         return self
 
 

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from headstart.config import OptimParams
+from headstart.progress import TaskProgress
 
 Array = np.ndarray | torch.Tensor
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -137,6 +138,7 @@ def fit(
     start = time.perf_counter()
     n = len(x_train)
     epochs = tqdm(range(1, optim.epochs + 1), desc="epochs", unit="epoch", disable=None)
+    bar = TaskProgress("training epochs", optim.epochs)
     for epoch in epochs:
         t0 = time.perf_counter()
         _train_mode(model)
@@ -161,12 +163,14 @@ def fit(
         epochs.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
         if on_epoch is not None:
             on_epoch(epoch, {k: row[k] for k in METRICS})
+        bar.advance(epoch)
         if val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= optim.patience:
             break
     epochs.close()
+    bar.finish()
     model.load_state_dict(best_state)
     model.eval()
     stopped = len(history) < optim.epochs

@@ -1,35 +1,157 @@
-"""The registered model as an MLflow pyfunc: raw uint8 images in, class and probability out.
+"""The registered model answering requests: raw or encoded images, or stored features, in; class and probability out.
 
-It rebuilds the network from the logged spec and weights (sha256 verified, safetensors), so
-nothing but tensors is ever unpickled from the model's files.
+MLflow loads it "from code" (headstart/served_model.py names `HeadstartModel`): nothing is
+unpickled. `load_context` rebuilds the network from the logged weights (safetensors, full
+sha256 verified) and the `ModelSpec` inside them, so every request is preprocessed exactly as
+in training. Accepted inputs (README "Serve"): uint8 images (N,H,W) or (N,H,W,3); base64
+PNG/JPEG strings (a list, or a DataFrame column `image`); `{"features": ...}` (activations at
+the model's cut, answered by its head alone).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from headstart.backbones import preprocess
+from headstart.backbones import CLASSIFIER, Preprocess, StagedNet, feature_shape, preprocess
 from headstart.checkpoints import ModelSpec, load_model
+from headstart.fit import predict_logits
+
+IMAGE_COLUMN = "image"
+FEATURES_KEY = "features"
+IMAGES_KEY = "images"
 
 
 class HeadstartModel(mlflow.pyfunc.PythonModel):
+    _skip_type_hint_validation = True
+    """Requests take several forms (above): no type hints, and MLflow is told not to ask for them."""
+
     def load_context(self, context: Any) -> None:
         manifest = json.loads(open(context.artifacts["manifest"]).read())
         self.net, self.spec = load_model(context.artifacts["weights"], manifest["sha256"])
         self.net.eval()
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads type hints as a schema)
-        import pandas as pd
+    def predict(self, context, model_input, params=None):  # noqa: ANN001
+        from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
-        images = np.asarray(model_input, dtype=np.uint8)
-        probs = predict_proba(self.net, self.spec, images)
-        best = probs.argmax(axis=1)
-        return pd.DataFrame({"class": [self.spec.class_names[i] for i in best], "probability": probs.max(axis=1)})
+        try:
+            probs = answer(self.net, self.spec, model_input)
+        except ValueError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        return table(self.spec, probs)
+
+
+def answer(net: StagedNet, spec: ModelSpec, request: Any) -> np.ndarray:
+    """Class probabilities for one request in any accepted form; a malformed request is a ValueError saying why."""
+    import pandas as pd
+
+    if isinstance(request, pd.DataFrame):
+        if IMAGE_COLUMN not in request.columns:
+            raise ValueError(f"a DataFrame request needs a column {IMAGE_COLUMN!r} of base64 PNG/JPEG strings")
+        return predict_images(
+            net, spec, [decode_base64(v, spec.preprocess, i) for i, v in enumerate(request[IMAGE_COLUMN])]
+        )
+    if isinstance(request, dict):
+        if set(request) == {FEATURES_KEY}:
+            return head_proba(net, spec, request[FEATURES_KEY])
+        if set(request) == {IMAGES_KEY}:
+            return answer(net, spec, request[IMAGES_KEY])
+        raise ValueError(
+            f"a named request holds exactly one of {IMAGES_KEY!r} or {FEATURES_KEY!r}, got {sorted(request)}"
+        )
+    array = np.asarray(request)
+    if array.dtype.kind in "OUS":
+        return predict_images(net, spec, [decode_base64(v, spec.preprocess, i) for i, v in enumerate(array.ravel())])
+    return predict_images(net, spec, list(uint8_images(array)))
+
+
+def table(spec: ModelSpec, probs: np.ndarray) -> Any:
+    """The response: one row per input with the most likely class and its probability."""
+    import pandas as pd
+
+    best = probs.argmax(axis=1)
+    return pd.DataFrame({"class": [spec.class_names[i] for i in best], "probability": probs.max(axis=1)})
+
+
+def uint8_images(array: np.ndarray) -> np.ndarray:
+    """(N,H,W) grey or (N,H,W,3) RGB pixel values 0-255 as uint8; anything else is refused, not cast."""
+    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] not in (1, 3)):
+        raise ValueError(f"images must be (N, H, W) grey or (N, H, W, 3) RGB pixel values, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array[..., 0] if array.ndim == 4 and array.shape[-1] == 1 else array
+    if (
+        array.dtype.kind not in "iuf"
+        or array.size
+        and (array.min() < 0 or array.max() > 255 or not np.array_equal(array, np.round(array)))
+    ):
+        raise ValueError("image pixels must be whole numbers from 0 to 255")
+    return uint8_images(array.astype(np.uint8))
+
+
+def decode_image(raw: bytes, pre: Preprocess, name: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 pixels as the model takes them.
+
+    Grey ("L", PIL's ITU-R 601 luma) for a 1-channel model, RGB for a 3-channel one (grey and
+    palette images expanded, alpha dropped). An image larger than the model's `image_size` on
+    either side is resized to image_size x image_size (PIL bilinear, antialiased), as the data
+    stage does for image folders; a smaller one is left to `preprocess`, which upsamples it
+    exactly as in training (a 28x28 Fashion-MNIST image reaches a 64 px backbone unchanged).
+    """
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img = img.convert("L" if pre.channels == 1 else "RGB")
+            if max(img.size) > pre.image_size:
+                img = img.resize((pre.image_size, pre.image_size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{name}: not a readable PNG/JPEG image: {err}") from None
+
+
+def decode_base64(value: Any, pre: Preprocess, index: int) -> np.ndarray:
+    if not isinstance(value, str | bytes):
+        raise ValueError(f"image {index}: expected a base64 PNG/JPEG string, got {type(value).__name__}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"image {index}: not valid base64") from None
+    return decode_image(raw, pre, f"image {index}")
+
+
+def predict_images(net: StagedNet, spec: ModelSpec, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Probabilities for images of any sizes, in order: images of one size are preprocessed as one batch."""
+    net.eval()
+    probs = np.zeros((len(images), spec.num_classes), dtype=np.float32)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for idx in by_shape.values():
+        probs[idx] = predict_proba(net, spec, np.stack([images[i] for i in idx]))
+    return probs
+
+
+def head_proba(net: StagedNet, spec: ModelSpec, features: Any) -> np.ndarray:
+    """Probabilities from the head alone, for activations at the model's cut (as the feature store holds them)."""
+    if spec.cut is None:
+        raise ValueError(f"this {spec.arch} model has no cut point: it takes images, not features")
+    x = np.asarray(features, dtype=np.float32)
+    shape = feature_shape(net, spec.cut, spec.preprocess)
+    size = int(np.prod(shape))
+    if x.ndim < 2 or x[0].size != size:
+        raise ValueError(
+            f"features must be (N, {', '.join(map(str, shape))}) or (N, {size}): activations at cut {spec.cut!r}, "
+            f"got shape {x.shape}"
+        )
+    logits = predict_logits(net.stages[CLASSIFIER], x.reshape(len(x), *shape))
+    return torch.softmax(logits, dim=1).numpy()
 
 
 def predict_proba(net: torch.nn.Module, spec: ModelSpec, images: np.ndarray, batch: int = 256) -> np.ndarray:

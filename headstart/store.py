@@ -1,11 +1,15 @@
 """The Zarr v3 feature store: frozen activations keyed by sample content, append-only, read only when complete.
 
-One store per extractor (weights, architecture, cut, preprocessing, code): its key is the hash of
-that provenance, which is also kept in the group attributes and checked on every open. Rows are
-keyed by the sha256 of each sample's pixels, so a new dataset version only computes the samples
-the store lacks. Progress is committed a whole chunk at a time (attribute `rows`, written after
-the chunk), so a killed extraction resumes where it stopped; a reader accepts a store only when
-the completion marker `COMMITTED.json` (written last) agrees with `rows` and the stored keys.
+One store per extractor (weights, architecture, taps, preprocessing, code): its key is the hash of
+that provenance, which is also kept in the group attributes and checked on every open. A store
+holds one array per tap (`features/<tap>`: the activations after that stage, all from one forward
+pass), so a run can pick any stored cut without extracting again; a reader names the taps it
+needs and is refused when the store lacks one. Rows are keyed by the sha256 of each sample's
+pixels, so a new dataset version only computes the samples the store lacks. Every array has the
+same rows per chunk and progress is committed a whole chunk at a time (attribute `rows`, written
+after the chunk of every tap), so a killed extraction resumes where it stopped; a reader accepts a
+store only when the completion marker `COMMITTED.json` (written last) agrees with `rows` and the
+stored keys.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,8 @@ from headstart.backbones import Preprocess
 from headstart.checkpoints import atomic_write
 from headstart.fingerprint import files_version, sha256_bytes, sha256_json
 
-FORMAT = 1
+FORMAT = 2
+"""Layout version: 2 stores one array per tap under `features/`."""
 KEY_BYTES = 32
 MARKER = "COMMITTED.json"
 LOCK = ".writer.lock"
@@ -56,12 +61,23 @@ class MissingRowsError(StoreError):
     """Some requested keys have no stored features."""
 
 
-def provenance(weights_sha256: str, arch: str, cut: str, pre: Preprocess) -> dict[str, Any]:
-    """Everything that determines the activations, as JSON-able group attributes."""
+Features = Mapping[str, np.ndarray] | np.ndarray
+"""What `extend`'s compute returns: float32 activations per tap (a bare array when the store has one tap)."""
+
+
+def provenance(weights_sha256: str, arch: str, taps: str | Sequence[str], pre: Preprocess) -> dict[str, Any]:
+    """Everything that determines the activations, as JSON-able group attributes.
+
+    `taps` are the stages whose outputs are (to be) stored, in network order; one name is one tap.
+    A writer's provenance names every tap of its store, a reader's the taps it needs.
+    """
+    taps = [taps] if isinstance(taps, str) else list(taps)
+    if not taps or len(set(taps)) != len(taps):
+        raise ValueError(f"taps must be a non-empty list of distinct stage names, got {taps}")
     return {
         "weights_sha256": weights_sha256,
         "arch": arch,
-        "cut": cut,
+        "taps": taps,
         "preprocess": pre.model_dump(mode="json"),
         "code_version": files_version(EXTRACTOR_CODE),
         "torch": torch.__version__,
@@ -101,17 +117,18 @@ def _split_keys(keys: np.ndarray) -> list[bytes]:
 class FeatureStore:
     """One extractor's stored activations. `open` to read a complete store; `open_or_create` to extend one."""
 
-    def __init__(self, path: Path, mode: str):
+    def __init__(self, path: Path, mode: str, wanted: Sequence[str] = ()):
         self.path = path
         self._mode = mode
+        self._wanted = list(wanted)
         self._load()
 
     # --- opening ----------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: Path | str, prov: dict[str, Any]) -> FeatureStore:
-        """A complete store with this provenance; anything else raises (naming the path and the reason)."""
-        store = cls._open(Path(path), prov, mode="r")
+        """A complete store holding (at least) the taps of `prov`; anything else raises, naming path and reason."""
+        store = cls._open(Path(path), prov, mode="r", exact=False)
         problem = store._marker_problem()
         if problem is not None:
             raise IncompleteStoreError(
@@ -121,21 +138,30 @@ class FeatureStore:
 
     @classmethod
     def open_or_create(
-        cls, path: Path | str, prov: dict[str, Any], feature_shape: tuple[int, ...], chunk_rows: int
+        cls,
+        path: Path | str,
+        prov: dict[str, Any],
+        shapes: Mapping[str, tuple[int, ...]] | tuple[int, ...],
+        chunk_rows: int,
     ) -> FeatureStore:
-        """The store to extend: created empty (atomically) when absent, else checked like `open` minus completeness."""
+        """The store to extend: created empty (atomically) when absent, else checked like `open` minus completeness.
+
+        `shapes` maps each tap of `prov` to one sample's activation shape (a bare shape for one tap).
+        """
         path = Path(path)
+        shapes = _tap_shapes(prov["taps"], shapes)
         if not path.exists():
-            cls._create(path, prov, tuple(feature_shape), chunk_rows)
-        store = cls._open(path, prov, mode="r+")
-        if store.feature_shape != tuple(feature_shape):
-            raise StoreError(
-                f"{path}: stores features of shape {store.feature_shape}, the extractor gives {feature_shape}"
-            )
+            cls._create(path, prov, shapes, chunk_rows)
+        store = cls._open(path, prov, mode="r+", exact=True)
+        for tap, shape in shapes.items():
+            if store.tap_shapes[tap] != shape:
+                raise StoreError(
+                    f"{path}: at {tap!r} stores features of shape {store.tap_shapes[tap]}, the extractor gives {shape}"
+                )
         return store
 
     @classmethod
-    def _create(cls, path: Path, prov: dict[str, Any], feature_shape: tuple[int, ...], chunk_rows: int) -> None:
+    def _create(cls, path: Path, prov: dict[str, Any], shapes: dict[str, tuple[int, ...]], chunk_rows: int) -> None:
         """Build the empty group in a temporary folder, then rename it into place (never seen half-made)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
@@ -143,15 +169,15 @@ class FeatureStore:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             codecs = {"compressors": (ZstdCodec(), Crc32cCodec()), "fill_value": 0}
             group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk_rows, KEY_BYTES), dtype="uint8", **codecs)
-            group.create_array(
-                "features", shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype="float32", **codecs
-            )
+            features = group.create_group("features")
+            for tap, shape in shapes.items():
+                features.create_array(tap, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype="float32", **codecs)
             group.attrs.update(
                 {
                     **prov,
                     "headstart_store": FORMAT,
                     "store_key": store_key(prov),
-                    "feature_shape": list(feature_shape),
+                    "tap_shapes": {tap: list(shape) for tap, shape in shapes.items()},
                     "rows": 0,
                     "complete": False,
                 }
@@ -165,32 +191,50 @@ class FeatureStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def _open(cls, path: Path, prov: dict[str, Any], mode: str) -> FeatureStore:
+    def _open(cls, path: Path, prov: dict[str, Any], mode: str, exact: bool) -> FeatureStore:
+        """Check the attributes against `prov`: all equal for a writer; a reader needs only its taps to be stored."""
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: no feature store here (no zarr.json); run the extract stage")
-        store = cls(path, mode)
-        for name, expected in {**prov, "headstart_store": FORMAT, "store_key": store_key(prov)}.items():
+        store = cls(path, mode, prov["taps"])
+        expected = {**prov, "headstart_store": FORMAT}
+        if exact:
+            expected["store_key"] = store_key(prov)
+        else:  # the stored provenance must still hash to the store's own key (attributes not edited)
+            stored = {k: store._attrs.get(k) for k in prov}
+            expected.pop("taps")
+            expected["store_key"] = store_key(stored)
+        for name, value in expected.items():
             actual = store._attrs.get(name, "<missing>")
-            if actual != expected:
+            if actual != value:
                 raise ProvenanceError(
-                    f"{path}: attribute {name!r} is {actual!r} but the extractor has {expected!r}; "
+                    f"{path}: attribute {name!r} is {actual!r} but the extractor has {value!r}; "
                     "this store belongs to another extractor (or its attributes were edited)"
                 )
+        absent = [t for t in prov["taps"] if t not in store.taps]
+        if absent:
+            raise ProvenanceError(
+                f"{path}: attribute 'taps' is {store.taps!r} but the extractor has {prov['taps']!r}: "
+                f"no stored activations at {absent}; add them to the source's taps and run the extract stage"
+            )
         return store
 
     def _load(self) -> None:
         """(Re)read the group's attributes and arrays from disk."""
         try:
             self._group = zarr.open_group(self.path, mode=self._mode, zarr_format=3)
+            self._attrs = dict(self._group.attrs)
             self._keys = self._group["keys"]
-            self._features = self._group["features"]
+            self._features = {tap: self._group[f"features/{tap}"] for tap in self._attrs["tap_shapes"]}
         except Exception as err:
             raise StoreError(f"{self.path}: not a readable feature store: {err}") from err
-        self._attrs = dict(self._group.attrs)
         self._committed: np.ndarray | None = None
         self._index: dict[bytes, int] | None = None
         rows = self._attrs.get("rows")
-        if not isinstance(rows, int) or not 0 <= rows <= self._keys.shape[0] or self._features.shape[0] < rows:
+        if (
+            not isinstance(rows, int)
+            or not 0 <= rows <= self._keys.shape[0]
+            or any(a.shape[0] < rows for a in self._features.values())
+        ):
             raise StoreError(
                 f"{self.path}: attribute 'rows' is {rows!r}, outside the arrays' {self._keys.shape[0]} rows"
             )
@@ -203,12 +247,33 @@ class FeatureStore:
         return int(self._attrs["rows"])
 
     @property
+    def taps(self) -> list[str]:
+        """The stages whose activations this store holds, in network order."""
+        return list(self._attrs["tap_shapes"])
+
+    @property
+    def tap_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {tap: tuple(shape) for tap, shape in self._attrs["tap_shapes"].items()}
+
+    @property
     def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self._attrs["feature_shape"])
+        """One sample's activation shape at the tap this store was opened for (see `tap`)."""
+        return self.tap_shapes[self.tap()]
+
+    def tap(self, name: str | None = None) -> str:
+        """`name` when stored; by default the one tap asked for on opening (or the store's only tap)."""
+        if name is not None:
+            if name not in self._features:
+                raise KeyError(f"{self.path}: no stored activations at {name!r}; it holds {self.taps}")
+            return name
+        candidates = self._wanted if len(self._wanted) == 1 else self.taps
+        if len(candidates) != 1:
+            raise ValueError(f"{self.path}: holds taps {self.taps}; name the one to read")
+        return candidates[0]
 
     @property
     def chunk_rows(self) -> int:
-        return int(self._features.chunks[0])
+        return int(self._keys.chunks[0])
 
     @property
     def complete(self) -> bool:
@@ -256,9 +321,11 @@ class FeatureStore:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def read(self, keys: np.ndarray) -> np.ndarray:
-        """Features for `keys`, in their order; reads whole chunk spans, each at most once."""
+    def read(self, keys: np.ndarray, tap: str | None = None) -> np.ndarray:
+        """Activations at `tap` (see `tap()`) for `keys`, in their order; reads whole chunk spans, each at most once."""
         _check_keys(keys)
+        tap = self.tap(tap)
+        shape, array = self.tap_shapes[tap], self._features[tap]
         index = self._lookup()
         rows = np.fromiter((index.get(k, -1) for k in _split_keys(keys)), dtype=np.int64, count=len(keys))
         absent = int((rows < 0).sum())
@@ -267,22 +334,24 @@ class FeatureStore:
                 f"{self.path}: {absent} of {len(keys)} keys have no stored features; "
                 "run the extract stage on this data first"
             )
-        out = np.empty((len(keys), *self.feature_shape), dtype=np.float32)
+        out = np.empty((len(keys), *shape), dtype=np.float32)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        for lo, hi in self._spans(np.unique(sorted_rows // self.chunk_rows)):
+        for lo, hi in self._spans(np.unique(sorted_rows // self.chunk_rows), shape):
             a, b = np.searchsorted(sorted_rows, [lo, hi])
             try:
-                block = self._features[lo:hi]
+                block = array[lo:hi]
             except Exception as err:
-                raise StoreError(f"{self.path}/features: rows {lo}..{hi} unreadable (corrupt chunk?): {err}") from err
+                raise StoreError(
+                    f"{self.path}/features/{tap}: rows {lo}..{hi} unreadable (corrupt chunk?): {err}"
+                ) from err
             out[order[a:b]] = block[sorted_rows[a:b] - lo]
         return out
 
-    def _spans(self, chunks: np.ndarray) -> Iterator[tuple[int, int]]:
+    def _spans(self, chunks: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
         """Row ranges covering runs of consecutive touched chunks, each at most `_READ_BYTES`."""
         r = self.chunk_rows
-        most = max(1, _READ_BYTES // (r * 4 * math.prod(self.feature_shape)))
+        most = max(1, _READ_BYTES // (r * 4 * math.prod(shape)))
         start = prev = None
         for c in chunks.tolist():
             if start is not None and (c != prev + 1 or c - start >= most):
@@ -299,15 +368,15 @@ class FeatureStore:
     def extend(
         self,
         keys: np.ndarray,
-        compute: Callable[[np.ndarray], np.ndarray],
+        compute: Callable[[np.ndarray], Features],
         on_chunk: Callable[[int], None] | None = None,
     ) -> int:
         """Store features for every key not yet stored; return how many rows were computed.
 
         `compute(indices)` gets indices into `keys` for the rows of one chunk (the first may be the
-        rest of a partial chunk) and returns their float32 features. Segments always start at the
-        same chunk boundaries, so batches formed inside them are the same whether or not an earlier
-        run was interrupted: resumed features are bitwise those of an uninterrupted run.
+        rest of a partial chunk) and returns their float32 activations at every tap. Segments always
+        start at the same chunk boundaries, so batches formed inside them are the same whether or not
+        an earlier run was interrupted: resumed features are bitwise those of an uninterrupted run.
         `on_chunk(rows)` runs after each committed chunk (tests use it to slow a run and kill it).
         """
         _check_keys(keys)
@@ -320,16 +389,15 @@ class FeatureStore:
             self._set_attrs(complete=False)
             start, end, r = self.rows, self.rows + len(todo), self.chunk_rows
             self._keys.resize((end, KEY_BYTES))
-            self._features.resize((end, *self.feature_shape))
+            for tap, array in self._features.items():
+                array.resize((end, *self.tap_shapes[tap]))
             pos = start
             while pos < end:
                 stop = min((pos // r + 1) * r, end)
                 idx = todo[pos - start : stop - start]
-                feats = np.asarray(compute(idx), dtype=np.float32)
-                expected = (len(idx), *self.feature_shape)
-                if feats.shape != expected:
-                    raise StoreError(f"{self.path}: computed features of shape {feats.shape}, expected {expected}")
-                self._features[pos:stop] = feats
+                feats = self._checked(compute(idx), len(idx))
+                for tap, array in self._features.items():
+                    array[pos:stop] = feats[tap]
                 self._keys[pos:stop] = keys[idx]
                 self._set_attrs(rows=stop)
                 if on_chunk is not None:
@@ -337,6 +405,23 @@ class FeatureStore:
                 pos = stop
             self._publish()
         return len(todo)
+
+    def _checked(self, feats: Features, n: int) -> dict[str, np.ndarray]:
+        """compute()'s result as float32 per tap, every stored tap present with the stored shape."""
+        if isinstance(feats, np.ndarray):
+            if len(self.taps) != 1:
+                raise StoreError(f"{self.path}: holds taps {self.taps}; compute must return one array per tap")
+            feats = {self.taps[0]: feats}
+        out = {}
+        for tap, shape in self.tap_shapes.items():
+            if tap not in feats:
+                raise StoreError(f"{self.path}: computed features lack tap {tap!r} (got {sorted(feats)})")
+            out[tap] = np.asarray(feats[tap], dtype=np.float32)
+            if out[tap].shape != (n, *shape):
+                raise StoreError(
+                    f"{self.path}: computed features at {tap!r} of shape {out[tap].shape}, expected {(n, *shape)}"
+                )
+        return out
 
     def _set_attrs(self, **values: Any) -> None:
         self._group.attrs.update(values)
@@ -366,3 +451,16 @@ class FeatureStore:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tap_shapes(
+    taps: Sequence[str], shapes: Mapping[str, tuple[int, ...]] | tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    """`shapes` for exactly `taps`, in their order; a bare shape is accepted for a single tap."""
+    if not isinstance(shapes, Mapping):
+        if len(taps) != 1:
+            raise ValueError(f"taps {list(taps)}: give one activation shape per tap, got the single shape {shapes}")
+        shapes = {taps[0]: shapes}
+    if set(shapes) != set(taps):
+        raise ValueError(f"activation shapes given for {sorted(shapes)}, but the taps are {list(taps)}")
+    return {tap: tuple(int(d) for d in shapes[tap]) for tap in taps}

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "headstart"
 CHAMPION = "champion"
 WEIGHTS_SHA_TAG = "weights_sha256"
+UI_URL = "http://127.0.0.1:5000"
+"""Where `make ui` (`headstart ui`) serves the project's own tracking store."""
+SERVED_MODEL = Path(__file__).with_name("served_model.py")
+"""The models-from-code file MLflow runs to load a headstart model."""
 MODEL_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "safetensors", "numpy", "pillow", "pydantic"]
 
 
@@ -71,6 +75,20 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def run_url(run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server itself, or where `make ui` serves a local store.
+
+    Empty when the run is not in the current store (a cached result logged to another one).
+    """
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
+    try:
+        experiment = MlflowClient().get_run(run_id).info.experiment_id
+    except mlflow.exceptions.MlflowException:
+        return ""
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
 @contextmanager
 def training_run(
     run_name: str,
@@ -90,6 +108,21 @@ def training_run(
         yield run
 
 
+@contextmanager
+def keyed_run(
+    run_name: str, key: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> Iterator[mlflow.ActiveRun]:
+    """Resume the run tagged `run_key=<key>`, or start it: a rerun of the same work (a resumed sweep) keeps one run.
+
+    Params are logged when the run is created (MLflow refuses to change them); tags are set every time.
+    """
+    found = MlflowClient().search_runs([experiment_id()], f"tags.run_key = '{key}'", max_results=1)
+    run_id = found[0].info.run_id if found else None
+    with training_run(run_name, params, {**tags, "run_key": key}, run_id=run_id) as run:
+        mlflow.set_tags(dict(tags))
+        yield run
+
+
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
     """One epoch's metrics into the active run (step = epoch) and the run's log (no progress bar outside a tty)."""
     mlflow.log_metrics(dict(metrics), step=epoch)
@@ -103,19 +136,19 @@ def log_model(
     register_as: str | None,
     score: float | None = None,
 ) -> ModelVersion | None:
-    """Log a trained network as a pyfunc (weights + spec, no pickled model) into the active run.
+    """Log a trained network as a pyfunc (weights + spec + the code file naming the class) into the active run.
 
-    With `register_as`, a new registry version is created and tagged with the weights sha256;
-    the `champion` alias moves to it when it has no score to beat or beats the current one.
+    The model is logged "from code" (headstart/served_model.py): loading it imports headstart
+    and reads the weights file; nothing is unpickled. With `register_as`, a new registry
+    version is created and tagged with the weights sha256; the `champion` alias moves to it
+    when it has no score to beat or beats the current one.
     """
-    from headstart.serving import HeadstartModel
-
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "model.json"
         manifest.write_text(json.dumps({"sha256": sha256, "spec": spec.model_dump(mode="json")}, indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=HeadstartModel(),
+            python_model=str(SERVED_MODEL),
             artifacts={"weights": str(weights), "manifest": str(manifest)},
             pip_requirements=MODEL_REQUIREMENTS,
         )

@@ -1,18 +1,22 @@
-"""Compute the frozen body's activations for every target image once, into the source's Zarr feature store."""
+"""Compute the frozen body's activations for every target image once, into the source's Zarr feature store.
+
+One forward pass stores the activations at every tap (the cut and the source's `taps`), so a later
+run can cut at any of them without extracting again.
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from prefect import task
-from torch import nn
 from tqdm.auto import tqdm
 
-from headstart.backbones import Preprocess, feature_shape, preprocess
+from headstart.backbones import Preprocess, StagedNet, feature_shape, preprocess
 from headstart.caching import cached, output, run_logger
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, load_task
@@ -22,19 +26,39 @@ from headstart.sources import load_source
 from headstart.store import MARKER, FeatureStore, provenance, rows_per_chunk, store_path
 
 
-def extract_features(
-    body: nn.Module, images: np.ndarray, pre: Preprocess, batch_size: int, device: torch.device | str = "cpu"
-) -> Iterator[np.ndarray]:
-    """float32 activations of `body` for uint8 `images`, one batch at a time from the first image.
+def stored_taps(net: StagedNet, cut: str, taps: Sequence[str] = ()) -> list[str]:
+    """The cut and the extra taps, deduplicated, in network order; an unknown name is an error naming it."""
+    wanted = {cut, *taps}
+    unknown = sorted(wanted - set(net.cut_names))
+    if unknown:
+        raise KeyError(f"unknown cut point(s) {unknown} in the source's cut/taps; expected some of {net.cut_names}")
+    return [name for name in net.cut_names if name in wanted]
+
+
+def extract_taps(
+    net: StagedNet,
+    images: np.ndarray,
+    pre: Preprocess,
+    taps: Sequence[str],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> Iterator[dict[str, np.ndarray]]:
+    """float32 activations at every tap for uint8 `images`, one forward pass per batch from the first image.
 
     Batches start at `images[0]`, so the caller decides the batch boundaries (the store passes one
     chunk at a time, which keeps resumed runs bitwise equal to uninterrupted ones).
     """
+    body = net.upto(stored_taps(net, taps[0], taps)[-1])
     body.eval()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = preprocess(images[i : i + batch_size], pre).to(device)
-            yield body(x).float().cpu().numpy()
+            out = {}
+            for name, stage in body.stages.items():
+                x = stage(x)
+                if name in taps:
+                    out[name] = x.float().cpu().numpy()
+            yield out
 
 
 def weights_preprocess(record: dict) -> Preprocess:
@@ -51,10 +75,12 @@ def extract(
     params: ExtractParams,
     data_dir: Path,
     store_root: Path,
+    taps: Sequence[str] = (),
     on_chunk: Callable[[int], None] | None = None,
 ) -> dict:
     """Bring the source's feature store up to date with every train/val/test image of the target task.
 
+    The store holds the activations at the weights record's cut and at `taps` (the source's taps).
     Only rows the store lacks are computed (new samples, or the rest of an interrupted run).
     `on_chunk(committed_rows)` is a test-only hook run after each committed chunk.
     """
@@ -71,28 +97,31 @@ def extract(
     pre = weights_preprocess(weights_record)
     cut = weights_record["cut"]
     net = load_source(weights_record)
-    shape = feature_shape(net, cut, pre)
-    prov = provenance(weights_record["sha256"], weights_record["arch"], cut, pre)
+    cuts = stored_taps(net, cut, taps)
+    shapes = {t: feature_shape(net, t, pre) for t in cuts}
+    prov = provenance(weights_record["sha256"], weights_record["arch"], cuts, pre)
     path = store_path(store_root, prov)
-    store = FeatureStore.open_or_create(path, prov, shape, rows_per_chunk(shape, params.chunk_mb, params.batch_size))
+    widest = max(shapes.values(), key=math.prod)  # every tap shares the rows per chunk, sized for the widest
+    store = FeatureStore.open_or_create(path, prov, shapes, rows_per_chunk(widest, params.chunk_mb, params.batch_size))
 
     device = resolve_device(params.device)
-    body = net.upto(cut).to(device)
+    net.to(device)
     todo = len(store.missing(keys))
     started = time.perf_counter()
     with tqdm(total=todo, unit="img", desc=f"extract {source_name}", disable=todo == 0) as bar:
 
-        def compute(idx: np.ndarray) -> np.ndarray:
-            feats = np.concatenate(list(extract_features(body, images[idx], pre, params.batch_size, device)))
+        def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
+            batches = list(extract_taps(net, images[idx], pre, cuts, params.batch_size, device))
             bar.update(len(idx))
-            return feats
+            return {t: np.concatenate([b[t] for b in batches]) for t in cuts}
 
         computed = store.extend(keys, compute, on_chunk=on_chunk)
     seconds = time.perf_counter() - started
     unique = len(set(map(bytes, keys)))
     log.info(
-        "extract %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s on %s)",
+        "extract %s at %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s on %s)",
         source_name,
+        ", ".join(cuts),
         unique,
         unique - computed,
         path,
@@ -106,7 +135,10 @@ def extract(
         "store_key": path.stem,
         "store_path": str(path),
         "rows": store.rows,
-        "feature_shape": list(store.feature_shape),
+        "cut": cut,
+        "feature_shape": list(shapes[cut]),
+        "taps": cuts,
+        "tap_shapes": {t: list(s) for t, s in shapes.items()},
         "computed": computed,
         "outputs": [output(path / MARKER)],
     }

@@ -23,7 +23,7 @@ from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
 from headstart.fingerprint import row_keys
 from headstart.store import FeatureStore, IncompleteStoreError, provenance, store_path
-from tasks.extract import extract, extract_features
+from tasks.extract import extract, extract_taps, stored_taps
 
 REPO = Path(__file__).resolve().parents[2]
 PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
@@ -110,13 +110,50 @@ def test_stale_data_record_is_refused(tmp_path: Path, weights: dict) -> None:
         extract.fn("fmnist", weights, record | {"fingerprint": "0" * 64}, PARAMS, data_dir, tmp_path / "f")
 
 
-def test_extract_features_yields_batches_from_the_first_image(weights: dict) -> None:
-    body = create_model("fmnist_cnn", 5).upto("block1")
+def test_extract_taps_yields_batches_from_the_first_image(weights: dict) -> None:
+    net = create_model("fmnist_cnn", 5)
     imgs = make_task(20).train.images
-    batches = list(extract_features(body, imgs, PRE, 5))
-    assert [len(b) for b in batches] == [5, 5, 2]
-    assert all(b.dtype == np.float32 and b.shape[1:] == (32, 14, 14) for b in batches)
-    assert not body.training
+    batches = list(extract_taps(net, imgs, PRE, ["block1"], 5))
+    assert [len(b["block1"]) for b in batches] == [5, 5, 2] and all(set(b) == {"block1"} for b in batches)
+    assert all(b["block1"].dtype == np.float32 and b["block1"].shape[1:] == (32, 14, 14) for b in batches)
+    assert not net.stages["block1"].training  # the frozen stages run in eval mode
+
+
+def test_one_forward_pass_gives_every_tap_as_the_bodies_cut_there_would(weights: dict) -> None:
+    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights["path"], weights["sha256"])[0]).eval()
+    imgs = make_task(20).train.images
+    assert stored_taps(net, "block2", ["fc1", "block1", "block2"]) == ["block1", "block2", "fc1"]
+    with pytest.raises(KeyError, match=r"unknown cut point\(s\) \['fc9'\]"):
+        stored_taps(net, "block2", ["fc9"])
+    (batch,) = extract_taps(net, imgs, PRE, ["fc1", "block1"], 32)
+    assert set(batch) == {"fc1", "block1"}
+    with torch.no_grad():
+        for tap in ("block1", "fc1"):
+            np.testing.assert_array_equal(batch[tap], net.upto(tap)(preprocess(imgs, PRE)).numpy())
+
+
+def test_multi_tap_store_serves_any_stored_cut_without_extracting_again(tmp_path: Path, weights: dict) -> None:
+    task = make_task(80)
+    data_dir, root = tmp_path / "data", tmp_path / "features"
+    record = save_task(task, data_dir)
+    first = extract.fn("fmnist", weights, record, PARAMS, data_dir, root, taps=["fc1", "block1"])
+    assert first["taps"] == ["block1", "block2", "fc1"] and first["cut"] == "block2"
+    assert first["tap_shapes"] == {"block1": [32, 14, 14], "block2": [64, 7, 7], "fc1": [128]}
+    assert first["feature_shape"] == [64, 7, 7] and first["computed"] == 80
+    taps_prov = provenance(weights["sha256"], "fmnist_cnn", first["taps"], PRE)
+    assert Path(first["store_path"]) == store_path(root, taps_prov) != store_path(root, prov(weights))
+    assert zarr.open_group(first["store_path"], mode="r").attrs["taps"] == first["taps"]
+
+    again = extract.fn("fmnist", weights, record, PARAMS, data_dir, root, taps=["block1", "fc1", "block2"])
+    assert again["computed"] == 0 and again["store_path"] == first["store_path"]  # tap order does not matter
+
+    keys = row_keys(all_images(task))
+    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights["path"], weights["sha256"])[0]).eval()
+    for tap in first["taps"]:  # a run cutting at any stored tap reads it with the usual single-cut provenance
+        stored = FeatureStore.open(first["store_path"], provenance(weights["sha256"], "fmnist_cnn", tap, PRE))
+        with torch.no_grad():
+            direct = net.upto(tap)(preprocess(all_images(task), PRE)).numpy()
+        np.testing.assert_allclose(stored.read(keys), direct, rtol=1e-5, atol=1e-5)
 
 
 _CHILD = """
@@ -130,7 +167,7 @@ args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 extract.fn(
     "fmnist", args["weights"], args["record"], ExtractParams(**args["params"]),
-    Path(args["data_dir"]), Path(args["root"]), on_chunk=lambda rows: time.sleep(0.25),
+    Path(args["data_dir"]), Path(args["root"]), taps=args["taps"], on_chunk=lambda rows: time.sleep(0.25),
 )
 """
 
@@ -146,8 +183,10 @@ def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: d
     data_dir = tmp_path / "data"
     record = save_task(task, data_dir)
     killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
-    path = store_path(killed_root, prov(weights))
+    taps = ["block1", "block2", "fc1"]  # every tap's array must resume from the same committed chunk
+    path = store_path(killed_root, provenance(weights["sha256"], "fmnist_cnn", taps, PRE))
     args = {
+        "taps": taps,
         "weights": weights,
         "record": record,
         "params": PARAMS.model_dump(),
@@ -169,16 +208,19 @@ def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: d
     assert 64 <= done < 300, done
     with pytest.raises(IncompleteStoreError):
         FeatureStore.open(path, prov(weights))
+    group = zarr.open_group(path, mode="r")
+    assert {group[f"features/{t}"].chunks[0] for t in taps} == {16}  # 0.5 MiB of block1 rows, for every tap
 
-    resumed = extract.fn("fmnist", weights, record, PARAMS, data_dir, killed_root)
+    resumed = extract.fn("fmnist", weights, record, PARAMS, data_dir, killed_root, taps=taps)
     assert resumed["computed"] == 300 - done
-    clean = extract.fn("fmnist", weights, record, PARAMS, data_dir, clean_root)
+    clean = extract.fn("fmnist", weights, record, PARAMS, data_dir, clean_root, taps=taps)
     assert clean["computed"] == 300
 
     keys = row_keys(all_images(task))
-    a = FeatureStore.open(resumed["store_path"], prov(weights))
-    b = FeatureStore.open(clean["store_path"], prov(weights))
+    a = FeatureStore.open(resumed["store_path"], provenance(weights["sha256"], "fmnist_cnn", taps, PRE))
+    b = FeatureStore.open(clean["store_path"], provenance(weights["sha256"], "fmnist_cnn", taps, PRE))
     np.testing.assert_array_equal(a.committed_keys(), b.committed_keys())
-    fa, fb = a.read(keys), b.read(keys)
-    assert fa.dtype == fb.dtype == np.float32
-    assert np.array_equal(fa.view(np.uint32), fb.view(np.uint32))  # bitwise, not just close
+    for tap in taps:
+        fa, fb = a.read(keys, tap), b.read(keys, tap)
+        assert fa.dtype == fb.dtype == np.float32
+        assert np.array_equal(fa.view(np.uint32), fb.view(np.uint32)), tap  # bitwise, not just close

@@ -129,7 +129,7 @@ def test_another_extractors_store_is_refused_naming_attribute_and_values(tmp_pat
     keys = row_keys(images(4))
     store = new_store(tmp_path)
     store.extend(keys, Counter(keys))
-    with pytest.raises(ProvenanceError, match=r"attribute 'cut' is 'block2' but the extractor has 'block1'") as err:
+    with pytest.raises(ProvenanceError, match=r"'taps' is \['block2'\] but the extractor has \['block1'\]") as err:
         FeatureStore.open(store.path, prov(cut="block1"))
     assert str(store.path) in str(err.value)
 
@@ -218,11 +218,94 @@ def test_corrupt_chunk_raises(tmp_path: Path) -> None:
     keys = row_keys(images(20))
     store = new_store(tmp_path)
     store.extend(keys, Counter(keys))
-    chunk = store.path / "features" / "c" / "1" / "0" / "0"
+    chunk = store.path / "features" / "block2" / "c" / "1" / "0" / "0"
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     reader = FeatureStore.open(store.path, prov())
     np.testing.assert_array_equal(reader.read(keys[:8]), expected_features(keys[:8]))  # chunk 0 is intact
-    with pytest.raises(StoreError, match=r"features: rows 8\.\.16 unreadable"):
+    with pytest.raises(StoreError, match=r"features/block2: rows 8\.\.16 unreadable"):
         reader.read(keys[10:11])
+
+
+# --- several taps in one store -----------------------------------------------------------------
+
+TAPS = {"block1": (2, 3), "block2": (3, 4), "fc1": (5,)}
+
+
+def tap_features(keys: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-tap stand-ins derived from the keys, different at every tap."""
+    base = keys.astype(np.float32)
+    return {
+        "block1": (base[:, :6] / 3.0).reshape(-1, 2, 3),
+        "block2": expected_features(keys),
+        "fc1": -base[:, 20:25],
+    }
+
+
+def multi_prov(taps: list[str] | None = None) -> dict:
+    return provenance("ab" * 32, "fmnist_cnn", taps or list(TAPS), PRE)
+
+
+def test_one_store_holds_every_tap_and_readers_pick_any(tmp_path: Path) -> None:
+    keys = row_keys(images(21))
+    p = multi_prov()
+    store = FeatureStore.open_or_create(store_path(tmp_path, p), p, TAPS, CHUNK)
+    assert store.extend(keys, lambda idx: tap_features(keys[idx])) == 21
+    attrs = zarr.open_group(store.path, mode="r").attrs
+    assert attrs["taps"] == ["block1", "block2", "fc1"]  # the tap list is part of the provenance (and the key)
+    assert store.path == store_path(tmp_path, p) != store_path(tmp_path, multi_prov(["block2"]))
+    group = zarr.open_group(store.path, mode="r")
+    assert {group[f"features/{t}"].chunks[0] for t in TAPS} == {CHUNK}  # every array chunks rows alike
+
+    expected = tap_features(keys)
+    everything = FeatureStore.open(store.path, p)
+    for tap in TAPS:
+        np.testing.assert_array_equal(everything.read(keys, tap), expected[tap])
+    with pytest.raises(ValueError, match="name the one to read"):
+        everything.read(keys)
+    with pytest.raises(KeyError, match="no stored activations at 'pool'"):
+        everything.read(keys, "pool")
+
+    one = FeatureStore.open(store.path, multi_prov(["fc1"]))  # a reader asks only for what it needs
+    assert one.feature_shape == (5,)
+    np.testing.assert_array_equal(one.read(keys[::-1]), expected["fc1"][::-1])
+    with pytest.raises(ProvenanceError, match=r"no stored activations at \['pool'\].*taps and run the extract"):
+        FeatureStore.open(store.path, multi_prov(["block2", "pool"]))
+
+
+def test_writer_must_match_the_tap_list_and_compute_every_tap(tmp_path: Path) -> None:
+    keys = row_keys(images(5))
+    p = multi_prov()
+    store = FeatureStore.open_or_create(store_path(tmp_path, p), p, TAPS, CHUNK)
+    with pytest.raises(ProvenanceError, match="'taps'"):
+        FeatureStore.open_or_create(store.path, multi_prov(["block2"]), TAPS["block2"], CHUNK)
+    with pytest.raises(StoreError, match=r"lack tap 'fc1'"):
+        store.extend(keys, lambda idx: {k: v for k, v in tap_features(keys[idx]).items() if k != "fc1"})
+    with pytest.raises(StoreError, match=r"at 'block1' of shape \(5, 6\), expected \(5, 2, 3\)"):
+        store.extend(keys, lambda idx: tap_features(keys[idx]) | {"block1": np.zeros((len(idx), 6))})
+    with pytest.raises(ValueError, match="one activation shape per tap"):
+        FeatureStore.open_or_create(tmp_path / "other.zarr", p, (3, 4), CHUNK)
+    assert not FeatureStore.open_or_create(store.path, p, TAPS, CHUNK).complete  # nothing half-written published
+
+
+def test_interrupted_multi_tap_extend_resumes_every_tap_from_the_same_chunk(tmp_path: Path) -> None:
+    keys = row_keys(images(30))
+    p = multi_prov()
+    calls: list[int] = []
+
+    def crash_after_two(idx: np.ndarray) -> dict[str, np.ndarray]:
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(len(idx))
+        return tap_features(keys[idx])
+
+    store = FeatureStore.open_or_create(store_path(tmp_path, p), p, TAPS, CHUNK)
+    with pytest.raises(KeyboardInterrupt):
+        store.extend(keys, crash_after_two)
+    again = FeatureStore.open_or_create(store.path, p, TAPS, CHUNK)
+    assert again.rows == 2 * CHUNK and not again.complete
+    assert again.extend(keys, lambda idx: tap_features(keys[idx])) == 30 - 2 * CHUNK
+    reader = FeatureStore.open(store.path, p)
+    for tap, values in tap_features(keys).items():
+        np.testing.assert_array_equal(reader.read(keys, tap), values)

@@ -1,0 +1,144 @@
+"""Choosing a strategy: the advise flow (cut-point probe + 2x2 table) and the head-initialisation comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.layout import Layout
+from flows.stages import (
+    Runner,
+    needs_pretrain,
+    prefect_runner,
+    read_record,
+    run_advise,
+    run_data,
+    run_extract,
+    run_pretrain,
+    run_weights,
+)
+from headstart.caching import run_logger
+from headstart.config import HeadParams, Params, RunParams
+from tasks.advise import probe_table
+from tasks.train import needs_features, train
+
+INITS = ("kaiming", "xavier", "zeros", "ones")
+
+
+def upstream(params: Params, lay: Layout, runner: Runner, sources: list[str]) -> None:
+    """Data, source model, weights and the sources' feature stores, as the transfer flow makes them."""
+    run_data(params, lay, runner)
+    if needs_pretrain(params):
+        run_pretrain(params, lay, runner)
+    run_weights(params, lay, runner)
+    for name in sources:
+        run_extract(params, lay, runner, name)
+
+
+@flow(name="advise", validate_parameters=False)
+def advise_sources(params: Params, root: Path, sources: list[str]) -> dict[str, dict[str, Any]]:
+    """The advise stage for each source, after bringing its inputs up to date (cached like `headstart run`)."""
+    lay = Layout(Path(root))
+    upstream(params, lay, prefect_runner, sources)
+    advice = {name: run_advise(params, lay, prefect_runner, name) for name in sources}
+    for name, record in advice.items():
+        create_markdown_artifact(
+            f"```\n{advice_text(record)}\n```", key=f"advise-{name}", description="headstart advice"
+        )
+    return advice
+
+
+def advice_text(advice: dict[str, Any]) -> str:
+    """What `headstart advise` prints: size, similarity, quadrant, the probe table, the recommendation."""
+    rec, cuts, pix = advice["recommendation"], advice["cuts"], advice["pixels"]
+    best = advice["ranking"][0]
+    small = advice["thresholds"]["small_per_class"]
+    lines = [
+        f"source {advice['source']}: {advice['quadrant']}",
+        f"  size:       {advice['samples_per_class']} training images per class "
+        f"({'small' if advice['size'] == 'small' else 'large'}: {'<' if advice['size'] == 'small' else '>='} {small})",
+        f"  similarity: {advice['similarity']:.2f}: the probe on the best cut ({best}, "
+        f"{cuts[best]['val_accuracy']:.2%}) removes {advice['similarity']:.0%} of the raw-pixel probe's "
+        f"errors ({pix['val_accuracy']:.2%}); similar at >= {advice['thresholds']['similar_gain']:.2f}",
+        f"  cut-point probe: linear head on {advice['probe_rows']} training images "
+        f"(stratified), scored on {advice['val_rows']} validation images",
+        "",
+        "    input        dims  val accuracy  val loss  rank",
+    ]
+    for row in probe_table(advice):
+        rank = "-" if row["rank"] is None else str(row["rank"])
+        lines.append(
+            f"    {row['input']:<11} {row['dims']:>5}  {row['val_accuracy']:>12.2%}  {row['val_loss']:>8.4f}  {rank:>4}"
+        )
+    lines += [
+        "",
+        f"  recommendation: {rec['strategy']}"
+        + (f" at {rec['cut']}" if rec["strategy"] in ("frozen", "partial") else ""),
+        f"  why: {rec['why']}",
+        "  `strategy: auto` trains it and a scratch baseline, and keeps scratch if the transfer loses on validation.",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="compare-init", validate_parameters=False)
+def compare_init(
+    params: Params, root: Path, source: str, strategy: str, hidden: list[int], inits: list[str]
+) -> list[dict[str, Any]]:
+    """One train run (one MLflow run) per head initialisation, everything else equal; failures are reported."""
+    lay = Layout(Path(root))
+    log = run_logger()
+    run = RunParams(source=source, strategy=strategy)
+    upstream(params, lay, prefect_runner, [source] if needs_features(strategy) else [])
+    extract_record = read_record(lay.extract_record(source)) if needs_features(strategy) else None
+    rows = []
+    for init in inits:
+        head = HeadParams(hidden=hidden, dropout=params.train.head.dropout, init=init)
+        run_name = f"init-{strategy}-{init}"
+        try:
+            record = prefect_runner(
+                train,
+                run_name=run_name,
+                run=run,
+                source=params.sources[source],
+                params=params.train.model_copy(update={"head": head}),
+                weights_record=read_record(lay.weights / f"{source}.json"),
+                extract_record=extract_record,
+                data_record=read_record(lay.data / "target.json"),
+                data_dir=lay.data,
+                out_dir=lay.compare_init(run_name),
+            )
+        except (FloatingPointError, RuntimeError) as err:
+            log.warning("%s: %s", run_name, err)
+            rows.append({"init": init, "error": str(err)})
+            continue
+        rows.append({"init": init, **record})
+    return rows
+
+
+def init_table(rows: list[dict[str, Any]], hidden: list[int]) -> str:
+    """The comparison as a Markdown table, then the reading of it."""
+    width = hidden[0] if hidden else None
+    lines = [
+        "| head init | val accuracy | val loss | epochs | distinct hidden units |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['init']} | failed: {row['error']} | - | - | - |")
+            continue
+        units = "-" if row.get("head_distinct_units") is None else f"{row['head_distinct_units']} of {width}"
+        lines.append(
+            f"| {row['init']} | {row['val_accuracy']:.2%} | {row['val_loss']:.4f} | {row['epochs']} | {units} |"
+        )
+    lines.append("")
+    if width:
+        lines.append(
+            "A constant init gives every hidden unit the same weights, so every unit gets the same gradient and "
+            "they stay copies of each other (symmetry): the layer acts like one unit (zeros: no gradient at all)."
+        )
+    else:
+        lines.append("A linear head has no hidden units: a constant init is harmless there (the loss is convex).")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""The sweep flow: every (seed, fraction, strategy) cell a cached task under one MLflow parent run, then the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from tqdm.auto import tqdm
+
+from flows.layout import Layout
+from flows.stages import (
+    Runner,
+    needs_pretrain,
+    prefect_runner,
+    read_record,
+    run_data,
+    run_extract,
+    run_pretrain,
+    run_weights,
+)
+from headstart import tracking
+from headstart.caching import content_key, run_logger
+from headstart.config import Params, SweepParams
+from tasks.sweep import ON_FEATURES, sweep
+from tasks.sweep_report import sweep_report
+
+
+def cells(params: SweepParams) -> list[tuple[int, float, str]]:
+    """(seed, fraction, strategy) in the order they run: seed by seed, smallest fraction first."""
+    return [(s, f, k) for s in params.seeds for f in sorted(params.fractions) for k in params.strategies]
+
+
+def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True) -> dict[str, Any]:
+    """Bring the inputs up to date (unless DVC did, `upstream=False`), run every cell, write the report."""
+    log = run_logger()
+    sw, train = params.sweep, params.train
+    on_features = any(s in ON_FEATURES for s in sw.strategies)
+    if upstream:
+        run_data(params, lay, runner)
+        if needs_pretrain(params):
+            run_pretrain(params, lay, runner)
+        run_weights(params, lay, runner)
+        if on_features:
+            run_extract(params, lay, runner, sw.source)
+    if params.data.train_fraction < 1.0:
+        log.warning(
+            "data.train_fraction is %s: the sweep's fractions are of that subset, not of the whole training split",
+            params.data.train_fraction,
+        )
+    weights_record = read_record(lay.weights / f"{sw.source}.json")
+    data_record = read_record(lay.data / "target.json")
+    extract_record = read_record(lay.extract_record(sw.source)) if on_features else None
+    identity = {
+        "weights_sha256": weights_record["sha256"],
+        "cut": weights_record["cut"],
+        "data_fingerprint": data_record["fingerprint"],
+        "train": train.model_dump(mode="json", include={"head", "frozen", "end_to_end", "device"}),
+    }
+    grid = {"fractions": str(sorted(sw.fractions)), "strategies": str(sw.strategies), "seeds": str(sw.seeds)}
+    records = []
+    with tracking.keyed_run(
+        f"sweep-{sw.source}",
+        content_key("sweep-parent", identity),
+        {"source": sw.source, **identity},
+        {"stage": "sweep", "source": sw.source, **grid},
+    ) as parent:
+        for seed, fraction, strategy in tqdm(cells(sw), desc="sweep", unit="cell", disable=None):
+            records.append(
+                runner(
+                    sweep,
+                    strategy=strategy,
+                    fraction=fraction,
+                    seed=seed,
+                    head=train.head,
+                    optim=train.frozen if strategy in ON_FEATURES else train.end_to_end,
+                    device=train.device,
+                    weights_record=weights_record,
+                    extract_record=extract_record if strategy in ON_FEATURES else None,
+                    data_record=data_record,
+                    data_dir=lay.data,
+                    out_dir=lay.sweep_cells,
+                )
+            )
+    report = runner(sweep_report, cells=records, out_dir=lay.sweep, parent_run_id=parent.info.run_id)
+    return {**report, "parent_run_id": parent.info.run_id, "cell_records": records}
+
+
+@flow(name="sweep", validate_parameters=False)
+def fraction_sweep(params: Params, root: Path, upstream: bool = True) -> dict[str, Any]:
+    """The notes' Fashion-MNIST experiment; a rerun computes only the cells not yet finished (content-keyed cache)."""
+    result = run_sweep(params, Layout(root), prefect_runner, upstream)
+    create_markdown_artifact(
+        "\n\n".join([result["markdown"], *result["crossover_lines"]]),
+        key="sweep-table",
+        description="headstart sweep: metrics per strategy and data fraction",
+    )
+    return result

@@ -1,0 +1,226 @@
+"""The advise stage: probe every stored cut, measure the target's size and similarity, pick a strategy (2x2 table).
+
+Size is training images per class. Similarity is measured, not guessed: a linear probe (the same
+small head, budget and validation split for every input) on the source's stored activations at
+each cut, against the same probe on the raw pixels; the share of the pixel probe's validation
+errors that the best cut removes is the similarity. The probe also ranks the cuts. README
+"Choosing a strategy" has the table, the thresholds and the measurements behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from prefect import task
+
+from headstart import tracking
+from headstart.backbones import Preprocess
+from headstart.caching import cached, output, run_logger
+from headstart.checkpoints import atomic_write
+from headstart.config import AdviseParams, HeadParams
+from headstart.datasets import TaskData, load_task
+from headstart.fit import fit
+from headstart.heads import make_head
+from headstart.store import provenance
+from tasks.data import nested_fraction
+from tasks.train import stored_features
+
+PIXELS = "pixels"
+"""The probe's reference input: the raw target images, no transfer at all."""
+
+
+def probe_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, stratified subset of about `per_class` images per class."""
+    classes = len(np.unique(labels))
+    return nested_fraction(labels, min(1.0, per_class * classes / len(labels)), seed)
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    """Raw uint8 images as float32 rows in [0, 1]: the probe's no-transfer reference."""
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def probe(
+    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int, params: AdviseParams
+) -> dict[str, float]:
+    """A seeded linear head trained on one input's rows; its best validation accuracy and loss (no timings:
+    the advice file is the same bytes for the same inputs, so DVC does not see a change that is not there)."""
+    torch.manual_seed(params.seed)
+    head = make_head(train[0].shape[1:], num_classes, HeadParams())
+    result = fit(head, train, val, params.probe, params.seed, params.device)
+    return {
+        "val_accuracy": result.best["val_accuracy"],
+        "val_loss": result.best["val_loss"],
+        "dims": int(math.prod(train[0].shape[1:])),
+        "epochs": result.epochs,
+    }
+
+
+def similarity(best_accuracy: float, pixel_accuracy: float) -> float:
+    """Share of the raw-pixel probe's validation errors that the source's best cut removes (<0: it adds errors)."""
+    pixel_error = 1.0 - pixel_accuracy
+    return (pixel_error - (1.0 - best_accuracy)) / pixel_error if pixel_error > 0 else 0.0
+
+
+def recommend(
+    samples_per_class: float, gain: float, ranking: Sequence[str], cut_names: Sequence[str], params: AdviseParams
+) -> dict[str, Any]:
+    """The 2x2 table: size (small/large) x domain (similar/different) -> strategy and cut, with the reason.
+
+    small, similar:   frozen at the best-probed cut (too little data to move the pretrained layers).
+    small, different: partial above the best-probed cut: its features are the best there is, the layers
+                      above it are source-specific, so they train (from their pretrained weights).
+    large, similar:   finetune: enough data to adapt every pretrained layer.
+    large, different: scratch: the source's features are not better than pixels and data is plentiful.
+    """
+    small = samples_per_class < params.small_per_class
+    similar = gain >= params.similar_gain
+    best = ranking[0]
+    size, domain = ("small" if small else "large"), ("similar" if similar else "different")
+    last = cut_names[-1]
+    if small and similar:
+        strategy, cut = "frozen", best
+        why = f"few images per class and a similar source: train only a new head on the best-probed cut ({best})"
+    elif small:
+        strategy, cut = ("partial", best) if best != last else ("frozen", best)
+        why = f"few images per class and a different source: keep the layers up to the best-probed cut ({best}) "
+        why += "and train the layers above it with the head" if best != last else "and train a new head on them"
+    elif similar:
+        strategy, cut = "finetune", last
+        why = "many images per class and a similar source: fine-tune every layer from the pretrained weights"
+    else:
+        strategy, cut = "scratch", last
+        why = "many images per class and a different source: its features barely beat pixels, train from scratch"
+    return {
+        "size": size,
+        "domain": domain,
+        "quadrant": f"{size} target, {domain} domain",
+        "recommendation": {"strategy": strategy, "cut": cut, "upper_init": "pretrained", "why": why},
+    }
+
+
+def advise_target(
+    target: TaskData,
+    features: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    cut_names: Sequence[str],
+    params: AdviseParams,
+) -> dict[str, Any]:
+    """Probe each cut's (training-subset, validation) activations and raw pixels; size, similarity, recommendation.
+
+    `features[cut]` holds the activations of the probe's training subset (`probe_subset` of the
+    target's training labels) and of the whole validation split.
+    """
+    subset = probe_subset(target.train.labels, params.probe_per_class, params.seed)
+    y_train, y_val = target.train.labels[subset], target.val.labels
+    k = target.num_classes
+    cuts = {cut: probe((x_tr, y_train), (x_val, y_val), k, params) for cut, (x_tr, x_val) in features.items()}
+    reference = probe((pixels(target.train.images[subset]), y_train), (pixels(target.val.images), y_val), k, params)
+    ranking = sorted(cuts, key=lambda c: (-cuts[c]["val_accuracy"], cuts[c]["val_loss"]))
+    samples_per_class = int(np.bincount(target.train.labels, minlength=k).min())
+    gain = similarity(cuts[ranking[0]]["val_accuracy"], reference["val_accuracy"])
+    return {
+        "samples_per_class": samples_per_class,
+        "num_classes": k,
+        "probe_rows": len(subset),
+        "val_rows": len(y_val),
+        "cuts": cuts,
+        PIXELS: reference,
+        "ranking": ranking,
+        "similarity": round(gain, 4),
+        "thresholds": {"small_per_class": params.small_per_class, "similar_gain": params.similar_gain},
+        **recommend(samples_per_class, gain, ranking, cut_names, params),
+    }
+
+
+def probe_table(advice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per probed input (cuts in network order, then raw pixels): the table logged and shown."""
+    rows = [{"input": cut, "rank": advice["ranking"].index(cut) + 1, **r} for cut, r in advice["cuts"].items()]
+    return rows + [{"input": PIXELS, "rank": None, **advice[PIXELS]}]
+
+
+def probe_figure(advice: Mapping[str, Any], title: str) -> Figure:
+    """Validation accuracy of the probe at each cut (bars, network order), raw pixels as a dashed line."""
+    fig = Figure(figsize=(1.8 + 1.0 * len(advice["cuts"]), 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = list(advice["cuts"])
+    accs = [advice["cuts"][c]["val_accuracy"] for c in names]
+    colors = ["tab:green" if c == advice["ranking"][0] else "tab:blue" for c in names]
+    ax.bar(names, accs, color=colors)
+    ax.axhline(advice[PIXELS]["val_accuracy"], color="gray", linestyle="--", label="raw pixels")
+    for i, acc in enumerate(accs):
+        ax.text(i, acc, f"{acc:.1%}", ha="center", va="bottom")
+    low = min([*accs, advice[PIXELS]["val_accuracy"]])
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.set_xlabel("cut")
+    ax.set_ylabel("probe validation accuracy")
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    return fig
+
+
+@task(**cached("advise"))
+def advise(
+    source_name: str,
+    weights_record: dict,
+    extract_record: dict,
+    data_record: dict,
+    params: AdviseParams,
+    data_dir: Path,
+    out_dir: Path,
+) -> dict:
+    """Probe the source's stored cuts on the target, write `advice.json` and `probe.png`, log one MLflow run."""
+    log = run_logger()
+    target = load_task(Path(data_dir), "target")
+    if target.fingerprint() != data_record["fingerprint"]:
+        raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
+    pre = Preprocess.model_validate(weights_record["preprocess"])
+    taps = extract_record.get("taps") or [extract_record["cut"]]
+    prov = provenance(weights_record["sha256"], weights_record["arch"], taps, pre)
+    subset = probe_subset(target.train.labels, params.probe_per_class, params.seed)
+    store = extract_record["store_path"]
+    features = {
+        tap: (
+            stored_features(store, prov, target.train.images[subset], tap),
+            stored_features(store, prov, target.val.images, tap),
+        )
+        for tap in taps
+    }
+    advice = {"source": source_name, **advise_target(target, features, taps, params)}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    advice_path, figure_path = out_dir / "advice.json", out_dir / "probe.png"
+    with atomic_write(advice_path) as tmp:
+        tmp.write_text(json.dumps(advice, indent=2))
+    figure = probe_figure(advice, f"{source_name}: linear probe per cut ({advice['probe_rows']} images)")
+    with atomic_write(figure_path) as tmp:
+        figure.savefig(tmp, format="png")
+    tags = {
+        "stage": "advise",
+        "source": source_name,
+        "quadrant": advice["quadrant"],
+        "recommendation": f"{advice['recommendation']['strategy']}@{advice['recommendation']['cut']}",
+        "data_fingerprint": data_record["fingerprint"],
+        "weights_sha256": weights_record["sha256"],
+        "feature_store_key": extract_record["store_key"],
+    }
+    table = probe_table(advice)
+    with tracking.training_run(f"advise-{source_name}", params.model_dump(mode="json"), tags) as mlrun:
+        mlflow.log_metrics({f"probe_val_accuracy.{r['input']}": r["val_accuracy"] for r in table})
+        mlflow.log_metrics({"similarity": advice["similarity"], "samples_per_class": advice["samples_per_class"]})
+        mlflow.log_dict({"rows": table}, "probe.json")
+        mlflow.log_artifact(str(figure_path))
+        mlflow.log_artifact(str(advice_path))
+    rec = advice["recommendation"]
+    log.info("advise %s: %s; recommends %s at %s", source_name, advice["quadrant"], rec["strategy"], rec["cut"])
+    return {**advice, "mlflow_run_id": mlrun.info.run_id, "outputs": [output(advice_path), output(figure_path)]}

@@ -1,0 +1,43 @@
+"""`headstart sweep` and the `sweep` DVC stage in a real project on tiny data (slow: two Prefect start-ups)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import make_project, sh
+from tests.tiny import MOBILENET, tiny_params, write_tiny_fmnist
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MOBILENET.is_file(), reason="ImageNet MobileNetV2 file not installed (make install)"),
+]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("sweep")
+    raw = tiny_params(write_tiny_fmnist(tmp / "tiny-fmnist"))
+    raw["train"]["runs"] = {"fmnist-frozen": {"source": "fmnist", "strategy": "frozen"}}
+    return make_project(tmp / "project", raw)
+
+
+def test_sweep_command_prints_the_table_and_writes_the_report(repo: Path) -> None:
+    out = sh(repo, "headstart", "sweep").stdout
+    assert re.search(r"\| fraction \| images \| test accuracy: frozen \| test accuracy: finetune", out), out
+    assert "| 50% |" in out and "| 100% |" in out
+    assert "scratch matches or beats finetune on best validation loss" in out
+    reports = repo / "reports" / "sweep"
+    with open(reports / "table.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6  # 2 fractions x 3 strategies
+    assert len(list((reports / "cells").glob("*.json"))) == 6
+
+
+def test_dvc_runs_the_sweep_stage_and_then_nothing(repo: Path) -> None:
+    proc = sh(repo, "dvc", "repro", "sweep")
+    assert "Running stage 'sweep'" in proc.stdout
+    assert "summary.json" in sh(repo, "dvc", "metrics", "show").stdout
+    assert "Running stage" not in sh(repo, "dvc", "repro", "sweep").stdout

@@ -1,0 +1,144 @@
+"""The sweep flow on tiny data with a real Prefect server and MLflow store: cells, report, and resuming a stopped sweep.
+
+The upstream stages run without Prefect (as DVC runs them), so this module leaves no cached
+upstream results behind for tests/flow/test_pipeline.py, whichever runs first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows import stages
+from flows.layout import Layout
+from flows.sweep import fraction_sweep
+from headstart.config import Params, parse_params
+from tasks.sweep import cell_name
+from tests.tiny import tiny_params, write_tiny_fmnist
+
+FRACTIONS = [0.5, 1.0]
+STRATEGIES = ["frozen", "finetune", "scratch"]
+
+
+def run_sweep(root: Path, params: Params) -> tuple[Any, Counter]:
+    """Run the flow (inputs already prepared); return its final state and the task runs' states by task."""
+    state = fraction_sweep(params=params, root=root, upstream=False, return_state=True)
+    with get_client(sync_client=True) as client:
+        flow_run_id = state.state_details.flow_run_id
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return state, Counter((tr.name.rsplit("-", 1)[0], tr.state_name) for tr in task_runs)
+
+
+@pytest.fixture(scope="module")
+def project(project_root: Path) -> dict[str, Any]:
+    """Tiny data, the source model, its weights record and stored features, written by the plain stage functions."""
+    raw = tiny_params(write_tiny_fmnist(project_root / "tiny-fmnist"))
+    raw["sources"] = {"fmnist": raw["sources"]["fmnist"]}
+    raw["train"]["runs"] = {"fmnist-frozen": {"source": "fmnist", "strategy": "frozen"}}
+    raw["sweep"] = {"source": "fmnist", "fractions": FRACTIONS, "strategies": STRATEGIES, "seeds": [0]}
+    params = parse_params(raw)
+    lay = Layout(project_root)
+    stages.run_data(params, lay, stages.plain_runner)
+    stages.run_pretrain(params, lay, stages.plain_runner)
+    stages.run_weights(params, lay, stages.plain_runner)
+    stages.run_extract(params, lay, stages.plain_runner, "fmnist")
+    return {"root": project_root, "raw": raw, "params": params, "lay": lay}
+
+
+@pytest.fixture(scope="module")
+def interrupted(project: dict[str, Any]) -> dict[str, Any]:
+    """A sweep that fails at its fourth cell (its output path is taken by a folder), then the same sweep again."""
+    lay: Layout = project["lay"]
+    blocker = lay.sweep_cells / f"{cell_name('frozen', 1.0, 0)}.json"
+    blocker.mkdir(parents=True)
+    failed, failed_states = run_sweep(project["root"], project["params"])
+    finished_before = sorted(p.name for p in lay.sweep_cells.glob("*.json") if p.is_file())
+    shutil.rmtree(blocker)
+    resumed, resumed_states = run_sweep(project["root"], project["params"])
+    return {
+        "failed": failed,
+        "failed_states": failed_states,
+        "finished_before": finished_before,
+        "resumed": resumed,
+        "resumed_states": resumed_states,
+    }
+
+
+def test_a_failed_sweep_keeps_the_cells_it_finished(interrupted: dict[str, Any]) -> None:
+    assert interrupted["failed"].is_failed()
+    assert interrupted["failed_states"][("sweep", "Completed")] == 3
+    assert interrupted["failed_states"][("sweep", "Failed")] == 1
+    assert ("sweep_report", "Completed") not in interrupted["failed_states"]
+    assert interrupted["finished_before"] == sorted(f"{cell_name(k, 0.5, 0)}.json" for k in STRATEGIES)
+
+
+def test_the_rerun_computes_only_the_missing_cells(interrupted: dict[str, Any]) -> None:
+    assert interrupted["resumed"].is_completed()
+    states = interrupted["resumed_states"]
+    assert states[("sweep", "Cached")] == 3
+    assert states[("sweep", "Completed")] == 3
+    assert states[("sweep_report", "Completed")] == 1
+    assert sum(states.values()) == 7
+
+
+def test_every_cell_is_one_finished_child_of_one_parent_run(interrupted: dict[str, Any]) -> None:
+    result = interrupted["resumed"].result()
+    parent = mlflow.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        output_format="list",
+    )
+    finished = Counter(r.info.run_name for r in children if r.info.status == "FINISHED")
+    assert finished == Counter(cell_name(k, f, 0) for f in FRACTIONS for k in STRATEGIES)
+    assert [r.info.run_name for r in children if r.info.status == "FAILED"] == [cell_name("frozen", 1.0, 0)]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/table.csv", "sweep/val_loss.png", "sweep/train_loss.png", "sweep/test_accuracy.png"} <= artifacts
+
+
+def test_the_report_has_a_row_per_cell_and_the_figures(project: dict[str, Any], interrupted: dict[str, Any]) -> None:
+    out: Path = project["lay"].sweep
+    with open(out / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["strategy"], float(r["fraction"])) for r in rows) == sorted(
+        (k, f) for f in FRACTIONS for k in STRATEGIES
+    )
+    for row in rows:
+        assert 0.0 <= float(row["test_accuracy_mean"]) <= 1.0
+        assert float(row["best_val_loss_mean"]) > 0 and row["seeds"] == "1"
+    full = [r for r in rows if r["fraction"] == "1.0"]
+    half = [r for r in rows if r["fraction"] == "0.5"]
+    assert all(int(f["train_size"]) > int(h["train_size"]) for f, h in zip(full, half, strict=True))
+    for name in ("val_loss.png", "train_loss.png", "test_accuracy.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "table.md").read_text().splitlines()) == 2 + len(FRACTIONS)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"] == 6 and set(summary["crossover"]) == {"frozen", "finetune"}
+    result = interrupted["resumed"].result()
+    assert result["crossover"] == summary["crossover"]
+
+
+def test_a_warm_rerun_computes_nothing(project: dict[str, Any], interrupted: dict[str, Any]) -> None:
+    state, states = run_sweep(project["root"], project["params"])
+    assert state.is_completed()
+    assert states == Counter({("sweep", "Cached"): 6, ("sweep_report", "Cached"): 1})
+    assert state.result()["parent_run_id"] == interrupted["resumed"].result()["parent_run_id"]
+
+
+def test_more_seeds_compute_only_the_new_seeds_cells(project: dict[str, Any], interrupted: dict[str, Any]) -> None:
+    raw = {**project["raw"], "sweep": {**project["raw"]["sweep"], "strategies": ["scratch"], "seeds": [0, 1]}}
+    state, states = run_sweep(project["root"], parse_params(raw))
+    assert states[("sweep", "Cached")] == 2 and states[("sweep", "Completed")] == 2
+    rows = {(r["strategy"], r["fraction"]): r for r in state.result()["rows"]}
+    assert all(r["seeds"] == 2 for r in rows.values())
+    assert any(r["best_val_loss_std"] > 0 for r in rows.values())
