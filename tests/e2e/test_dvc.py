@@ -59,6 +59,7 @@ def test_repro_from_clean_runs_every_stage(repo: Path) -> None:
         "train@imagenet-frozen",
         "evaluate@fmnist-frozen",
         "evaluate@imagenet-frozen",
+        "sweep",
     }
     metrics = json.loads((repo / "reports" / "fmnist-frozen" / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
@@ -76,6 +77,7 @@ def test_head_param_change_reruns_only_training_and_evaluation(repo: Path) -> No
         "train@imagenet-frozen",
         "evaluate@fmnist-frozen",
         "evaluate@imagenet-frozen",
+        "sweep",
     }
 
 
@@ -91,4 +93,5 @@ def test_data_change_reruns_extraction_onward_but_not_the_source_model(repo: Pat
         "train@imagenet-frozen",
         "evaluate@fmnist-frozen",
         "evaluate@imagenet-frozen",
+        "sweep",
     }
