@@ -116,8 +116,10 @@ def crossover_lines(found: dict[str, dict[str, float | None]]) -> list[str]:
     for reference, by_metric in found.items():
         for metric, fraction in by_metric.items():
             label = METRICS[metric][0]
-            where = f"from {fraction * 100:g}% of the data on" if fraction is not None else "at no fraction"
-            lines.append(f"scratch matches or beats {reference} on {label} {where}")
+            if fraction is None:
+                lines.append(f"scratch never catches up with {reference} on {label} (behind at the largest share)")
+            else:
+                lines.append(f"scratch catches up with {reference} on {label} from {fraction * 100:g}% of the data on")
     return lines
 
 

@@ -15,7 +15,15 @@ from headstart import tracking
 from headstart.config import ParamsError, SweepParams, load_params, parse_params
 from headstart.datasets import Split
 from tasks.sweep import cell_name, subset, sweep
-from tasks.sweep_report import crossover, crossovers, metric_figure, summarise, table_csv, table_markdown
+from tasks.sweep_report import (
+    crossover,
+    crossover_lines,
+    crossovers,
+    metric_figure,
+    summarise,
+    table_csv,
+    table_markdown,
+)
 from tests.tiny import REPO
 from tests.unit.training_setup import Setup, prepare
 
@@ -151,6 +159,10 @@ def test_crossover_is_where_scratch_catches_up_for_good() -> None:
     assert crossover(always, "finetune", "best_val_loss") == 0.1
     assert crossovers(summarise(fine)) == {}  # no scratch baseline, nothing to compare
     assert set(crossovers(rows)) == {"finetune"}
+    assert crossover_lines({"finetune": {"best_val_loss": 0.5, "test_accuracy": None}}) == [
+        "scratch catches up with finetune on best validation loss from 50% of the data on",
+        "scratch never catches up with finetune on test accuracy (behind at the largest share)",
+    ]
 
 
 def test_table_has_a_line_per_fraction_and_a_column_per_strategy_and_metric() -> None:
