@@ -30,7 +30,7 @@ EPOCHS = 3
 """Epochs per side in full mode (quick: 2), early stopping off so both run them all."""
 
 
-def test_accuracy(net: StagedNet, task: TaskData, pre: Preprocess) -> float:
+def accuracy_on_test(net: StagedNet, task: TaskData, pre: Preprocess) -> float:
     """The whole network's accuracy on the test images (how either side's model is used)."""
     logits = predict_logits(net, task.test.images, transform=partial(preprocess, spec=pre))
     return accuracy(task.test.labels, logits.argmax(1).numpy())
@@ -57,8 +57,8 @@ def compare_partial(
     out = {
         "stored_epoch": float(np.median([h["seconds"] for h in stored.history])),
         "e2e_epoch": float(np.median([h["seconds"] for h in images.history])),
-        "stored_test": test_accuracy(stored_net, task, pre),
-        "e2e_test": test_accuracy(images_net, task, pre),
+        "stored_test": accuracy_on_test(stored_net, task, pre),
+        "e2e_test": accuracy_on_test(images_net, task, pre),
         "stored_val": stored.best["val_accuracy"],
         "e2e_val": images.best["val_accuracy"],
         "epochs": (stored.epochs, images.epochs),

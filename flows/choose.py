@@ -53,32 +53,34 @@ def advise_sources(params: Params, root: Path, sources: list[str]) -> dict[str, 
 
 def advice_text(advice: dict[str, Any]) -> str:
     """What `headstart advise` prints: size, similarity, quadrant, the probe table, the recommendation."""
-    rec, cuts, pix = advice["recommendation"], advice["cuts"], advice["pixels"]
+    rec, cuts = advice["recommendation"], advice["cuts"]
     best = advice["ranking"][0]
-    small = advice["thresholds"]["small_per_class"]
+    best_untrained = max(advice["untrained"], key=lambda c: advice["untrained"][c]["val_accuracy"])
+    th = advice["thresholds"]
+    small = advice["size"] == "small"
     lines = [
         f"source {advice['source']}: {advice['quadrant']}",
         f"  size:       {advice['samples_per_class']} training images per class "
-        f"({'small' if advice['size'] == 'small' else 'large'}: {'<' if advice['size'] == 'small' else '>='} {small})",
-        f"  similarity: {advice['similarity']:.2f}: the probe on the best cut ({best}, "
-        f"{cuts[best]['val_accuracy']:.2%}) removes {advice['similarity']:.0%} of the raw-pixel probe's "
-        f"errors ({pix['val_accuracy']:.2%}); similar at >= {advice['thresholds']['similar_gain']:.2f}",
-        f"  cut-point probe: linear head on {advice['probe_rows']} training images "
-        f"(stratified), scored on {advice['val_rows']} validation images",
+        f"({'small: <' if small else 'large: >='} {th['small_per_class']})",
+        f"  similarity: {advice['similarity']:.2f} = share of the untrained network's probe errors that the "
+        f"pretrained weights remove ({best} {cuts[best]['val_accuracy']:.2%} vs untrained {best_untrained} "
+        f"{advice['untrained'][best_untrained]['val_accuracy']:.2%}); similar at >= {th['similar_gain']:.2f}",
+        f"  cut-point probe: a linear head on {advice['probe_rows']} training images (stratified), "
+        f"scored on {advice['val_rows']} validation images",
         "",
-        "    input        dims  val accuracy  val loss  rank",
+        "    input        dims  pretrained  untrained  rank",
     ]
     for row in probe_table(advice):
+        untrained = "-" if row["untrained"] is None else f"{row['untrained']:.2%}"
         rank = "-" if row["rank"] is None else str(row["rank"])
-        lines.append(
-            f"    {row['input']:<11} {row['dims']:>5}  {row['val_accuracy']:>12.2%}  {row['val_loss']:>8.4f}  {rank:>4}"
-        )
+        lines.append(f"    {row['input']:<11} {row['dims']:>5}  {row['pretrained']:>10.2%}  {untrained:>9}  {rank:>4}")
+    at = f" at {rec['cut']}" if needs_features(rec["strategy"]) else ""
+    guard = "." if rec["strategy"] == "scratch" else " and a scratch baseline; scratch wins if the transfer loses."
     lines += [
         "",
-        f"  recommendation: {rec['strategy']}"
-        + (f" at {rec['cut']}" if rec["strategy"] in ("frozen", "partial") else ""),
+        f"  recommendation: {rec['strategy']}{at}",
         f"  why: {rec['why']}",
-        "  `strategy: auto` trains it and a scratch baseline, and keeps scratch if the transfer loses on validation.",
+        f"  `strategy: auto` trains it{guard}",
     ]
     return "\n".join(lines)
 

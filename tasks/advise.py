@@ -2,8 +2,10 @@
 
 Size is training images per class. Similarity is measured, not guessed: a linear probe (the same
 small head, budget and validation split for every input) on the source's stored activations at
-each cut, against the same probe on the raw pixels; the share of the pixel probe's validation
-errors that the best cut removes is the similarity. The probe also ranks the cuts. README
+each cut, against the same probe on the same network untrained (seeded random weights, computed
+here for the probe's images); the share of the untrained network's validation errors that the
+pretrained one removes (best cut against best cut) is what the source's training contributes to
+this target. The probe also ranks the cuts; raw pixels are probed too, for reference. README
 "Choosing a strategy" has the table, the thresholds and the measurements behind them.
 """
 
@@ -23,7 +25,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from headstart import tracking
-from headstart.backbones import Preprocess
+from headstart.backbones import Preprocess, create_model
 from headstart.caching import cached, output, run_logger
 from headstart.checkpoints import atomic_write
 from headstart.config import AdviseParams, HeadParams
@@ -32,10 +34,12 @@ from headstart.fit import fit
 from headstart.heads import make_head
 from headstart.store import provenance
 from tasks.data import nested_fraction
+from tasks.extract import extract_taps
 from tasks.train import stored_features
 
 PIXELS = "pixels"
-"""The probe's reference input: the raw target images, no transfer at all."""
+"""The probe's other reference input: the raw target images, no network at all."""
+BATCH = 250
 
 
 def probe_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -65,10 +69,20 @@ def probe(
     }
 
 
-def similarity(best_accuracy: float, pixel_accuracy: float) -> float:
-    """Share of the raw-pixel probe's validation errors that the source's best cut removes (<0: it adds errors)."""
-    pixel_error = 1.0 - pixel_accuracy
-    return (pixel_error - (1.0 - best_accuracy)) / pixel_error if pixel_error > 0 else 0.0
+def similarity(pretrained_accuracy: float, untrained_accuracy: float) -> float:
+    """Share of the untrained network's probe errors that the pretrained weights remove (<0: they add errors)."""
+    untrained_error = 1.0 - untrained_accuracy
+    return (untrained_error - (1.0 - pretrained_accuracy)) / untrained_error if untrained_error > 0 else 0.0
+
+
+def untrained_features(
+    arch: str, images: np.ndarray, pre: Preprocess, taps: Sequence[str], seed: int
+) -> dict[str, np.ndarray]:
+    """Activations at `taps` of the same architecture with seeded random weights: the no-transfer reference."""
+    torch.manual_seed(seed)
+    net = create_model(arch, 2)
+    batches = list(extract_taps(net, images, pre, taps, BATCH))
+    return {tap: np.concatenate([b[tap] for b in batches]) for tap in taps}
 
 
 def recommend(
@@ -76,30 +90,29 @@ def recommend(
 ) -> dict[str, Any]:
     """The 2x2 table: size (small/large) x domain (similar/different) -> strategy and cut, with the reason.
 
-    small, similar:   frozen at the best-probed cut (too little data to move the pretrained layers).
-    small, different: partial above the best-probed cut: its features are the best there is, the layers
-                      above it are source-specific, so they train (from their pretrained weights).
-    large, similar:   finetune: enough data to adapt every pretrained layer.
-    large, different: scratch: the source's features are not better than pixels and data is plentiful.
+    small, similar:   frozen at the best-probed cut: too few images to move pretrained layers, and
+                      the source's learned features are the best input there is.
+    small, different: frozen at the best-probed cut too: the probe measures where the features still
+                      help (for a different source, usually an earlier cut than the top).
+    large, similar:   finetune: enough images to adapt every layer, from weights that help.
+    large, different: scratch: enough images, and the pretrained weights barely beat random ones.
+    README "Choosing a strategy" has the measurements behind each cell (partial never won one there).
     """
     small = samples_per_class < params.small_per_class
     similar = gain >= params.similar_gain
-    best = ranking[0]
+    best, last = ranking[0], cut_names[-1]
     size, domain = ("small" if small else "large"), ("similar" if similar else "different")
-    last = cut_names[-1]
-    if small and similar:
+    if small:
         strategy, cut = "frozen", best
-        why = f"few images per class and a similar source: train only a new head on the best-probed cut ({best})"
-    elif small:
-        strategy, cut = ("partial", best) if best != last else ("frozen", best)
-        why = f"few images per class and a different source: keep the layers up to the best-probed cut ({best}) "
-        why += "and train the layers above it with the head" if best != last else "and train a new head on them"
+        why = f"few images per class: train only a new head, on the best-probed cut ({best})"
+        if not similar:
+            why += "; the source's later layers are too specific to this target" if best != last else ""
     elif similar:
         strategy, cut = "finetune", last
-        why = "many images per class and a similar source: fine-tune every layer from the pretrained weights"
+        why = "many images per class and pretrained weights that help: fine-tune every layer from them"
     else:
         strategy, cut = "scratch", last
-        why = "many images per class and a different source: its features barely beat pixels, train from scratch"
+        why = "many images per class and pretrained features barely better than untrained ones: train from scratch"
     return {
         "size": size,
         "domain": domain,
@@ -108,32 +121,43 @@ def recommend(
     }
 
 
+Pair = tuple[np.ndarray, np.ndarray]
+"""Activations of the probe's training subset and of the whole validation split."""
+
+
 def advise_target(
     target: TaskData,
-    features: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    features: Mapping[str, Pair],
+    untrained: Mapping[str, Pair],
     cut_names: Sequence[str],
     params: AdviseParams,
 ) -> dict[str, Any]:
-    """Probe each cut's (training-subset, validation) activations and raw pixels; size, similarity, recommendation.
+    """Probe each cut, pretrained and untrained, and raw pixels; size, similarity, ranking, recommendation.
 
-    `features[cut]` holds the activations of the probe's training subset (`probe_subset` of the
-    target's training labels) and of the whole validation split.
+    `features[cut]` and `untrained[cut]` hold the activations of the probe's training subset
+    (`probe_subset` of the target's training labels) and of the whole validation split.
     """
     subset = probe_subset(target.train.labels, params.probe_per_class, params.seed)
     y_train, y_val = target.train.labels[subset], target.val.labels
     k = target.num_classes
-    cuts = {cut: probe((x_tr, y_train), (x_val, y_val), k, params) for cut, (x_tr, x_val) in features.items()}
-    reference = probe((pixels(target.train.images[subset]), y_train), (pixels(target.val.images), y_val), k, params)
+
+    def probes(inputs: Mapping[str, Pair]) -> dict[str, dict[str, float]]:
+        return {cut: probe((x_tr, y_train), (x_val, y_val), k, params) for cut, (x_tr, x_val) in inputs.items()}
+
+    cuts, reference = probes(features), probes(untrained)
+    raw = probe((pixels(target.train.images[subset]), y_train), (pixels(target.val.images), y_val), k, params)
     ranking = sorted(cuts, key=lambda c: (-cuts[c]["val_accuracy"], cuts[c]["val_loss"]))
     samples_per_class = int(np.bincount(target.train.labels, minlength=k).min())
-    gain = similarity(cuts[ranking[0]]["val_accuracy"], reference["val_accuracy"])
+    best_untrained = max(r["val_accuracy"] for r in reference.values())
+    gain = similarity(cuts[ranking[0]]["val_accuracy"], best_untrained)
     return {
         "samples_per_class": samples_per_class,
         "num_classes": k,
         "probe_rows": len(subset),
         "val_rows": len(y_val),
         "cuts": cuts,
-        PIXELS: reference,
+        "untrained": reference,
+        PIXELS: raw,
         "ranking": ranking,
         "similarity": round(gain, 4),
         "thresholds": {"small_per_class": params.small_per_class, "similar_gain": params.similar_gain},
@@ -142,28 +166,43 @@ def advise_target(
 
 
 def probe_table(advice: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per probed input (cuts in network order, then raw pixels): the table logged and shown."""
-    rows = [{"input": cut, "rank": advice["ranking"].index(cut) + 1, **r} for cut, r in advice["cuts"].items()]
-    return rows + [{"input": PIXELS, "rank": None, **advice[PIXELS]}]
+    """One row per cut (network order), then raw pixels: the table logged and shown."""
+    rows = [
+        {
+            "input": cut,
+            "dims": r["dims"],
+            "pretrained": r["val_accuracy"],
+            "untrained": advice["untrained"][cut]["val_accuracy"],
+            "rank": advice["ranking"].index(cut) + 1,
+        }
+        for cut, r in advice["cuts"].items()
+    ]
+    pix = advice[PIXELS]
+    return [
+        *rows,
+        {"input": PIXELS, "dims": pix["dims"], "pretrained": pix["val_accuracy"], "untrained": None, "rank": None},
+    ]
 
 
 def probe_figure(advice: Mapping[str, Any], title: str) -> Figure:
-    """Validation accuracy of the probe at each cut (bars, network order), raw pixels as a dashed line."""
-    fig = Figure(figsize=(1.8 + 1.0 * len(advice["cuts"]), 3.6), dpi=100, layout="constrained")
+    """Probe validation accuracy per cut, pretrained beside untrained (network order); raw pixels as a line."""
+    fig = Figure(figsize=(2.2 + 1.2 * len(advice["cuts"]), 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     names = list(advice["cuts"])
-    accs = [advice["cuts"][c]["val_accuracy"] for c in names]
-    colors = ["tab:green" if c == advice["ranking"][0] else "tab:blue" for c in names]
-    ax.bar(names, accs, color=colors)
+    x = np.arange(len(names))
+    series = (("pretrained", advice["cuts"], -0.2), ("untrained", advice["untrained"], 0.2))
+    for label, results, shift in series:
+        accs = [results[c]["val_accuracy"] for c in names]
+        ax.bar(x + shift, accs, width=0.4, label=label)
+        for xi, acc in zip(x + shift, accs, strict=True):
+            ax.text(xi, acc, f"{acc:.1%}", ha="center", va="bottom", fontsize=8)
     ax.axhline(advice[PIXELS]["val_accuracy"], color="gray", linestyle="--", label="raw pixels")
-    for i, acc in enumerate(accs):
-        ax.text(i, acc, f"{acc:.1%}", ha="center", va="bottom")
-    low = min([*accs, advice[PIXELS]["val_accuracy"]])
+    ax.set_xticks(x, [f"{c}\n(best)" if c == advice["ranking"][0] else c for c in names])
+    low = min(r["val_accuracy"] for r in [*advice["cuts"].values(), *advice["untrained"].values(), advice[PIXELS]])
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
-    ax.set_xlabel("cut")
     ax.set_ylabel("probe validation accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title)
     return fig
 
@@ -195,7 +234,10 @@ def advise(
         )
         for tap in taps
     }
-    advice = {"source": source_name, **advise_target(target, features, taps, params)}
+    arch, images = weights_record["arch"], target.train.images[subset]
+    fresh = untrained_features(arch, np.concatenate([images, target.val.images]), pre, taps, params.seed)
+    untrained = {tap: (a[: len(images)], a[len(images) :]) for tap, a in fresh.items()}
+    advice = {"source": source_name, **advise_target(target, features, untrained, taps, params)}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +258,10 @@ def advise(
     }
     table = probe_table(advice)
     with tracking.training_run(f"advise-{source_name}", params.model_dump(mode="json"), tags) as mlrun:
-        mlflow.log_metrics({f"probe_val_accuracy.{r['input']}": r["val_accuracy"] for r in table})
+        mlflow.log_metrics({f"probe_val_accuracy.{r['input']}": r["pretrained"] for r in table})
+        mlflow.log_metrics(
+            {f"probe_untrained_val_accuracy.{c}": r["val_accuracy"] for c, r in advice["untrained"].items()}
+        )
         mlflow.log_metrics({"similarity": advice["similarity"], "samples_per_class": advice["samples_per_class"]})
         mlflow.log_dict({"rows": table}, "probe.json")
         mlflow.log_artifact(str(figure_path))

@@ -50,10 +50,10 @@ def test_probe_subset_is_stratified_seeded_and_nested_in_the_training_split():
     assert pixels(np.full((2, 3, 3), 255, np.uint8)).tolist() == [[1.0] * 9, [1.0] * 9]
 
 
-def test_similarity_is_the_share_of_pixel_errors_removed():
-    assert similarity(0.9, 0.8) == pytest.approx(0.5)  # 20% errors -> 10%
+def test_similarity_is_the_share_of_the_untrained_networks_errors_removed():
+    assert similarity(0.9, 0.8) == pytest.approx(0.5)  # 20% errors untrained -> 10% pretrained
     assert similarity(0.8, 0.8) == 0.0
-    assert similarity(0.7, 0.8) == pytest.approx(-0.5)  # worse than pixels
+    assert similarity(0.7, 0.8) == pytest.approx(-0.5)  # pretraining made the features worse
     assert similarity(1.0, 1.0) == 0.0
 
 
@@ -61,8 +61,8 @@ def test_similarity_is_the_share_of_pixel_errors_removed():
     ("per_class", "gain", "ranking", "expected"),
     [
         (10, 0.5, ["block2", "fc1", "block1"], ("small target, similar domain", "frozen", "block2")),
-        (10, 0.05, ["block1", "block2", "fc1"], ("small target, different domain", "partial", "block1")),
-        (10, 0.05, ["fc1", "block2", "block1"], ("small target, different domain", "frozen", "fc1")),
+        (10, 0.05, ["block1", "block2", "fc1"], ("small target, different domain", "frozen", "block1")),
+        (49, 0.05, ["fc1", "block2", "block1"], ("small target, different domain", "frozen", "fc1")),
         (500, 0.5, ["block2", "block1", "fc1"], ("large target, similar domain", "finetune", "fc1")),
         (500, 0.05, ["block2", "block1", "fc1"], ("large target, different domain", "scratch", "fc1")),
     ],
@@ -100,10 +100,12 @@ def test_advise_task_probes_every_stored_cut_and_writes_a_deterministic_advice(s
     assert accs == sorted(accs, reverse=True)
     assert advice["samples_per_class"] == 20 and advice["size"] == "small"  # 60 training images, 3 classes
     assert advice["probe_rows"] == 30 and advice["val_rows"] == 15
-    gain = similarity(max(accs), advice["pixels"]["val_accuracy"])
+    assert list(advice["untrained"]) == CUTS and advice["pixels"]["dims"] == 28 * 28
+    assert advice["untrained"] != advice["cuts"]  # the untrained network is another network
+    gain = similarity(max(accs), max(r["val_accuracy"] for r in advice["untrained"].values()))
     assert advice["similarity"] == pytest.approx(gain, abs=1e-4)
     assert advice["domain"] == ("similar" if gain >= PARAMS.similar_gain else "different")
-    assert advice["recommendation"]["strategy"] in ("frozen", "partial")  # small target
+    assert advice["recommendation"]["strategy"] == "frozen" and advice["recommendation"]["cut"] == advice["ranking"][0]
     written = (tmp_path / "a" / "advice.json").read_text()
     assert json.loads(written)["recommendation"] == advice["recommendation"]
     assert (tmp_path / "a" / "probe.png").read_bytes().startswith(b"\x89PNG")
@@ -116,11 +118,12 @@ def test_advise_task_probes_every_stored_cut_and_writes_a_deterministic_advice(s
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "advise"
     assert run.data.tags["quadrant"] == advice["quadrant"]
     assert {f"probe_val_accuracy.{c}" for c in [*CUTS, "pixels"]} <= set(run.data.metrics)
+    assert {f"probe_untrained_val_accuracy.{c}" for c in CUTS} <= set(run.data.metrics)
     assert {"probe.json", "probe.png", "advice.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert again["mlflow_run_id"] != advice["mlflow_run_id"]
 
     text = advice_text(advice)
-    for needle in ("small target", "recommendation:", "why:", "pixels", *CUTS, f"{advice['similarity']:.2f}"):
+    for needle in ("small target", "recommendation: frozen at", "why:", "pixels", "untrained", *CUTS):
         assert needle in text
 
 
