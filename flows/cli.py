@@ -64,7 +64,7 @@ def sweep(
     params_file: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     upstream: Annotated[
-        bool, typer.Option(help="Run data, pretrain, weights and extract first (DVC runs them as their own stages).")
+        bool, typer.Option(help="Run the upstream stages first, advise included (DVC runs them as their own stages).")
     ] = True,
 ) -> None:
     """Pretrained vs random initialisation on growing shares of the target data; a rerun resumes where it stopped."""

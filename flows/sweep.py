@@ -1,4 +1,8 @@
-"""The sweep flow: every (seed, fraction, strategy) cell a cached task under one MLflow parent run, then the report."""
+"""The sweep flow: every (seed, fraction, strategy) cell a cached task under one MLflow parent run, then the report.
+
+Frozen and partial cells train at one stored cut, `sweep.cut`: by default the one the advise stage's
+probe ranks first for the sweep's source (the advise task is an upstream, cached like the others).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from flows.stages import (
     needs_pretrain,
     prefect_runner,
     read_record,
+    run_advise,
     run_data,
     run_extract,
     run_pretrain,
@@ -22,9 +27,10 @@ from flows.stages import (
 )
 from headstart import tracking
 from headstart.caching import content_key, run_logger
-from headstart.config import Params, SweepParams
-from tasks.sweep import ON_FEATURES, sweep
+from headstart.config import BEST_CUT, Params, SweepParams
+from tasks.sweep import sweep, sweep_cut
 from tasks.sweep_report import sweep_report
+from tasks.train import STORED, optim_of
 
 
 def cells(params: SweepParams) -> list[tuple[int, float, str]]:
@@ -36,7 +42,8 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True
     """Bring the inputs up to date (unless DVC did, `upstream=False`), run every cell, write the report."""
     log = run_logger()
     sw, train = params.sweep, params.train
-    on_features = any(s in ON_FEATURES for s in sw.strategies)
+    on_features = any(s in STORED for s in sw.strategies)
+    best = on_features and sw.cut == BEST_CUT
     if upstream:
         run_data(params, lay, runner)
         if needs_pretrain(params):
@@ -44,6 +51,8 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True
         run_weights(params, lay, runner)
         if on_features:
             run_extract(params, lay, runner, sw.source)
+        if best:
+            run_advise(params, lay, runner, sw.source)
     if params.data.train_fraction < 1.0:
         log.warning(
             "data.train_fraction is %s: the sweep's fractions are of that subset, not of the whole training split",
@@ -52,11 +61,16 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True
     weights_record = read_record(lay.weights / f"{sw.source}.json")
     data_record = read_record(lay.data / "target.json")
     extract_record = read_record(lay.extract_record(sw.source)) if on_features else None
+    cut = None
+    if on_features:
+        cut = sweep_cut(sw.cut, read_record(lay.advice(sw.source) / "advice.json") if best else None)
+        how = "the advise stage's best-probed cut" if best else "sweep.cut"
+        log.info("frozen and partial cells train at %s of %s (%s)", cut, sw.source, how)
     identity = {
         "weights_sha256": weights_record["sha256"],
-        "cut": weights_record["cut"],
+        "cut": cut,
         "data_fingerprint": data_record["fingerprint"],
-        "train": train.model_dump(mode="json", include={"head", "frozen", "end_to_end", "device"}),
+        "train": train.model_dump(mode="json", include={"head", "frozen", "partial", "end_to_end", "device"}),
     }
     grid = {"fractions": str(sorted(sw.fractions)), "strategies": str(sw.strategies), "seeds": str(sw.seeds)}
     records = []
@@ -73,11 +87,12 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True
                     strategy=strategy,
                     fraction=fraction,
                     seed=seed,
+                    cut=cut if strategy in STORED else None,
                     head=train.head,
-                    optim=train.frozen if strategy in ON_FEATURES else train.end_to_end,
+                    optim=optim_of(strategy, train),
                     device=train.device,
                     weights_record=weights_record,
-                    extract_record=extract_record if strategy in ON_FEATURES else None,
+                    extract_record=extract_record if strategy in STORED else None,
                     data_record=data_record,
                     data_dir=lay.data,
                     out_dir=lay.sweep_cells,

@@ -126,6 +126,16 @@ class ExtractParams(_Section):
     chunk_mb: Annotated[float, Field(gt=0)] = 4.0
     """Target size of one Zarr chunk file; rows per chunk are derived from it and the feature size."""
     device: Device = "auto"
+    runner: Literal["local", "dask"] = "local"
+    """local: one process, chunk after chunk. dask: shards of whole chunks, each a Prefect task on a Dask worker.
+
+    Both give bitwise the same store (the same key: how rows are scheduled is not provenance)."""
+    dask_address: str | None = None
+    """Scheduler of a running Dask cluster (tcp://host:8786); None: a LocalCluster started and stopped per run."""
+    dask_workers: Annotated[int, Field(ge=1)] = 2
+    """LocalCluster worker processes (one thread each; each shard runs torch on one thread)."""
+    shard_chunks: Annotated[int, Field(ge=1)] = 4
+    """Zarr chunks per shard: the unit a worker computes, writes and marks done (a rerun redoes only unmarked ones)."""
 
 
 class HeadParams(_Section):
@@ -195,19 +205,23 @@ class AdviseParams(_Section):
     device: Device = "auto"
 
 
-SweepStrategy = Literal["frozen", "finetune", "scratch"]
-"""Strategies a sweep cell can train (tasks/sweep.py `CELL_KINDS`); "partial" and "frozen at the best
-stored cut" join both lists once the train stage offers them."""
+SweepStrategy = Literal["frozen", "partial", "finetune", "scratch"]
+"""Strategies a sweep cell can train: the train stage's, less `auto` (the sweep compares them all)."""
+BEST_CUT = "best"
+"""`sweep.cut` value: the stored cut the advise stage's probe ranks first for the sweep's source."""
 
 
 class SweepParams(_Section):
     """The Fashion-MNIST experiment: each strategy on nested fractions of the target's training split, per seed."""
 
     source: str = "fmnist"
-    """The source transferred from (a key of `sources`); frozen cells use its stored features at its cut."""
+    """The source transferred from (a key of `sources`); frozen and partial cells use its stored activations."""
+    cut: str = BEST_CUT
+    """Where frozen and partial cells cut: `best` (the advise stage's probe ranking, on the whole training
+    split, chosen once for every fraction) or one of the source's stored cuts (its cut and taps)."""
     fractions: list[Fraction] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0]
     """Shares of the training split; nested, so each fraction's images include the smaller ones'."""
-    strategies: list[SweepStrategy] = ["frozen", "finetune", "scratch"]
+    strategies: list[SweepStrategy] = ["frozen", "partial", "finetune", "scratch"]
     seeds: list[int] = [0]
     """One cell per seed: the seed draws the subset, initialises the new layers and shuffles the batches."""
 
@@ -234,8 +248,16 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _sweep_source(self) -> Params:
-        if "sweep" in self.model_fields_set and self.sweep.source not in self.sources:
+        if "sweep" not in self.model_fields_set:
+            return self
+        if self.sweep.source not in self.sources:
             raise ValueError(f"sweep.source is {self.sweep.source!r}; expected one of {sorted(self.sources)}")
+        stored = self.sources[self.sweep.source].stored_cuts
+        if self.sweep.cut != BEST_CUT and self.sweep.cut not in stored:
+            raise ValueError(
+                f"sweep.cut is {self.sweep.cut!r}; expected {BEST_CUT!r} or one of {stored}, the cuts source "
+                f"{self.sweep.source!r} stores (add it to sources.{self.sweep.source}.taps)"
+            )
         return self
 
     @model_validator(mode="after")

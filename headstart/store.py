@@ -10,6 +10,12 @@ same rows per chunk and progress is committed a whole chunk at a time (attribute
 after the chunk of every tap), so a killed extraction resumes where it stopped; a reader accepts a
 store only when the completion marker `COMMITTED.json` (written last) agrees with `rows` and the
 stored keys.
+
+An extension can also be split into shards of whole chunks written by separate processes (Dask
+workers): the coordinator holds the writer lock, grows the arrays and hands each shard to one
+worker; a worker writes only its shard's chunk files, then the shard's done marker; the
+coordinator checks every marker, then commits `rows` and writes `COMMITTED.json`, as a single
+writer would. Zarr does not synchronise writers, but separate chunk files are separate files.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ FORMAT = 2
 KEY_BYTES = 32
 MARKER = "COMMITTED.json"
 LOCK = ".writer.lock"
+SHARDS = ".shards"
+"""Folder of per-shard done markers of a sharded extension in progress; removed when it is committed."""
 EXTRACTOR_CODE = ("headstart/backbones.py", "headstart/store.py", "tasks/extract.py")
 """The source files that decide what an activation is: any change to them makes a new store."""
 _READ_BYTES = 64 << 20
@@ -112,6 +121,52 @@ def _check_keys(keys: np.ndarray) -> None:
 def _split_keys(keys: np.ndarray) -> list[bytes]:
     blob = np.ascontiguousarray(keys).tobytes()
     return [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
+
+
+def chunk_segments(start: int, end: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Rows `start..end` cut at chunk boundaries: the units `compute` gets, whichever runner calls it.
+
+    The first segment may be the rest of a partial chunk; batches formed inside a segment therefore
+    start at the same rows whether a run was interrupted, resumed or sharded.
+    """
+    segments, pos = [], start
+    while pos < end:
+        stop = min((pos // chunk_rows + 1) * chunk_rows, end)
+        segments.append((pos, stop))
+        pos = stop
+    return segments
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Consecutive chunk segments (rows `start..stop`) that one worker computes and writes alone."""
+
+    start: int
+    stop: int
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.start}-{self.stop}"
+
+
+def plan_shards(start: int, end: int, chunk_rows: int, shard_chunks: int) -> list[Shard]:
+    """Rows `start..end` as shards of `shard_chunks` chunk segments each: no chunk file belongs to two shards."""
+    segments = chunk_segments(start, end, chunk_rows)
+    groups = [tuple(segments[i : i + shard_chunks]) for i in range(0, len(segments), shard_chunks)]
+    return [Shard(g[0][0], g[-1][1], g) for g in groups]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """A shard of one extension and the indices (into the extension's `keys`) of the samples it stores."""
+
+    shard: Shard
+    indices: np.ndarray
+
+
+class ShardsFailedError(StoreError):
+    """Some shards of a sharded extension did not finish; the finished ones are kept for the rerun."""
 
 
 class FeatureStore:
@@ -381,30 +436,119 @@ class FeatureStore:
         """
         _check_keys(keys)
         with self._writer_lock():
-            self._load()  # another writer may have committed rows since this store was opened
-            todo = self.missing(keys)
-            if len(todo) == 0 and self.complete:
+            todo = self._begin(keys)
+            if todo is None:
                 return 0
-            (self.path / MARKER).unlink(missing_ok=True)
-            self._set_attrs(complete=False)
-            start, end, r = self.rows, self.rows + len(todo), self.chunk_rows
-            self._keys.resize((end, KEY_BYTES))
-            for tap, array in self._features.items():
-                array.resize((end, *self.tap_shapes[tap]))
-            pos = start
-            while pos < end:
-                stop = min((pos // r + 1) * r, end)
-                idx = todo[pos - start : stop - start]
-                feats = self._checked(compute(idx), len(idx))
-                for tap, array in self._features.items():
-                    array[pos:stop] = feats[tap]
-                self._keys[pos:stop] = keys[idx]
-                self._set_attrs(rows=stop)
+            start = self.rows
+            for a, b in chunk_segments(start, start + len(todo), self.chunk_rows):
+                idx = todo[a - start : b - start]
+                self.write_rows(a, keys[idx], compute(idx))
+                self._set_attrs(rows=b)
                 if on_chunk is not None:
-                    on_chunk(stop)
-                pos = stop
+                    on_chunk(b)
             self._publish()
         return len(todo)
+
+    def extend_sharded(
+        self, keys: np.ndarray, shard_chunks: int, run: Callable[[list[ShardJob]], None]
+    ) -> tuple[int, int]:
+        """Like `extend`, but the rows are computed by `run(jobs)` elsewhere, one shard per job.
+
+        `run` must have every job written with `write_shard` (in any process sharing this store)
+        before it returns, and raise when one failed. Shards an interrupted earlier call left done
+        are not handed out again. Returns (rows computed by this call, rows newly committed).
+        """
+        _check_keys(keys)
+        with self._writer_lock():  # held throughout: the workers write under the coordinator's lock
+            todo = self._begin(keys)
+            if todo is None:
+                return 0, 0
+            start = self.rows
+            jobs = [
+                ShardJob(shard, todo[shard.start - start : shard.stop - start])
+                for shard in plan_shards(start, start + len(todo), self.chunk_rows, shard_chunks)
+            ]
+            pending = [job for job in jobs if not self._shard_done(job, keys)]
+            run(pending)
+            undone = [job.shard.name for job in jobs if not self._shard_done(job, keys)]
+            if undone:
+                raise ShardsFailedError(f"{self.path}: shards {undone} have no valid done marker after the run")
+            self._set_attrs(rows=start + len(todo))
+            self._publish()
+        return sum(len(job.indices) for job in pending), len(todo)
+
+    def _begin(self, keys: np.ndarray) -> np.ndarray | None:
+        """Under the writer lock: the indices of the keys to store, the arrays grown to hold them; None if complete."""
+        self._load()  # another writer may have committed rows since this store was opened
+        todo = self.missing(keys)
+        if len(todo) == 0 and self.complete:
+            return None
+        (self.path / MARKER).unlink(missing_ok=True)
+        self._set_attrs(complete=False)
+        end = self.rows + len(todo)
+        self._keys.resize((end, KEY_BYTES))
+        for tap, array in self._features.items():
+            array.resize((end, *self.tap_shapes[tap]))
+        return todo
+
+    def write_rows(self, start: int, keys: np.ndarray, feats: Features) -> None:
+        """Write rows `start..start+len(keys)` of every tap, then their keys; commits nothing (`rows` is unchanged)."""
+        feats = self._checked(feats, len(keys))
+        stop = start + len(keys)
+        for tap, array in self._features.items():
+            array[start:stop] = feats[tap]
+        self._keys[start:stop] = keys
+
+    # --- sharded writing (worker side) ------------------------------------------------------------
+
+    @classmethod
+    def open_shard_writer(cls, path: Path | str, key: str) -> FeatureStore:
+        """The store a coordinator is extending, for a worker to write one shard into; no lock is taken.
+
+        The coordinator holds the writer lock and gives each shard (whole chunks) to one worker, so
+        no chunk file has two writers. `key` guards against writing into another extractor's store.
+        """
+        store = cls(Path(path), "r+")
+        if store._attrs.get("store_key") != key:
+            raise ProvenanceError(f"{path}: store key is {store._attrs.get('store_key')!r}, the shard is for {key!r}")
+        return store
+
+    def write_shard(
+        self,
+        shard: Shard,
+        keys: np.ndarray,
+        compute: Callable[[np.ndarray], Features],
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> None:
+        """Compute and write the shard's chunks, then its done marker (atomically, last).
+
+        `keys` are the shard's rows' keys in order; `compute(positions)` gets positions into them
+        for one chunk segment, the same segments `extend` would use, so the features are bitwise
+        those of a single-process run. `on_chunk(stop)` runs after each segment (a test hook).
+        """
+        _check_keys(keys)
+        if len(keys) != shard.stop - shard.start:
+            raise ValueError(f"shard {shard.name} holds {shard.stop - shard.start} rows, got {len(keys)} keys")
+        for a, b in shard.segments:
+            positions = np.arange(a - shard.start, b - shard.start)
+            self.write_rows(a, keys[positions], compute(positions))
+            if on_chunk is not None:
+                on_chunk(b)
+        folder = self.path / SHARDS
+        folder.mkdir(exist_ok=True)
+        with atomic_write(folder / f"{shard.name}.json") as tmp:
+            tmp.write_text(json.dumps(_shard_marker(shard, keys), sort_keys=True))
+
+    def _shard_done(self, job: ShardJob, keys: np.ndarray) -> bool:
+        """The shard's marker names exactly its rows and keys, and those keys are stored there."""
+        try:
+            marker = json.loads((self.path / SHARDS / f"{job.shard.name}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        expected = keys[job.indices]
+        if marker != _shard_marker(job.shard, expected):
+            return False
+        return np.array_equal(np.asarray(self._keys[job.shard.start : job.shard.stop]), expected)
 
     def _checked(self, feats: Features, n: int) -> dict[str, np.ndarray]:
         """compute()'s result as float32 per tap, every stored tap present with the stored shape."""
@@ -431,6 +575,7 @@ class FeatureStore:
     def _publish(self) -> None:
         """Mark complete: the attribute, then the marker file (atomically, last)."""
         self._set_attrs(complete=True)
+        shutil.rmtree(self.path / SHARDS, ignore_errors=True)  # committed: the shard markers are spent
         marker = {
             "rows": self.rows,
             "store_key": self._attrs["store_key"],
@@ -451,6 +596,11 @@ class FeatureStore:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _shard_marker(shard: Shard, keys: np.ndarray) -> dict[str, Any]:
+    """What a shard's done marker holds: its rows and the fingerprint of the keys written there."""
+    return {"start": shard.start, "stop": shard.stop, "keys_sha256": sha256_bytes(np.ascontiguousarray(keys).tobytes())}
 
 
 def _tap_shapes(

@@ -34,7 +34,7 @@ from headstart.fit import fit
 from headstart.heads import make_head
 from headstart.store import provenance
 from tasks.data import nested_fraction
-from tasks.extract import extract_taps
+from tasks.extract import segment_features
 from tasks.train import stored_features
 
 PIXELS = "pixels"
@@ -81,8 +81,7 @@ def untrained_features(
     """Activations at `taps` of the same architecture with seeded random weights: the no-transfer reference."""
     torch.manual_seed(seed)
     net = create_model(arch, 2)
-    batches = list(extract_taps(net, images, pre, taps, BATCH))
-    return {tap: np.concatenate([b[tap] for b in batches]) for tap in taps}
+    return segment_features(net, images, pre, taps, BATCH)
 
 
 def recommend(

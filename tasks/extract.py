@@ -1,7 +1,9 @@
 """Compute the frozen body's activations for every target image once, into the source's Zarr feature store.
 
 One forward pass stores the activations at every tap (the cut and the source's `taps`), so a later
-run can cut at any of them without extracting again.
+run can cut at any of them without extracting again. With `extract.runner: dask` this task stays
+the coordinator (store, writer lock, commit) and the rows are computed by shard tasks on Dask
+workers (tasks/extract_dask.py), bitwise the same.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, load_task
 from headstart.fingerprint import row_keys
 from headstart.fit import resolve_device
+from headstart.progress import TaskProgress
 from headstart.sources import load_source
 from headstart.store import MARKER, FeatureStore, provenance, rows_per_chunk, store_path
 
@@ -59,6 +62,19 @@ def extract_taps(
                 if name in taps:
                     out[name] = x.float().cpu().numpy()
             yield out
+
+
+def segment_features(
+    net: StagedNet,
+    images: np.ndarray,
+    pre: Preprocess,
+    taps: Sequence[str],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Activations at every tap for one chunk segment's images (the unit the store's `compute` gets)."""
+    batches = list(extract_taps(net, images, pre, taps, batch_size, device))
+    return {t: np.concatenate([b[t] for b in batches]) for t in taps}
 
 
 def weights_preprocess(record: dict) -> Preprocess:
@@ -105,21 +121,33 @@ def extract(
     store = FeatureStore.open_or_create(path, prov, shapes, rows_per_chunk(widest, params.chunk_mb, params.batch_size))
 
     device = resolve_device(params.device)
-    net.to(device)
     todo = len(store.missing(keys))
+    progress = TaskProgress(f"extracting {source_name} ({todo} images)", todo)
     started = time.perf_counter()
     with tqdm(total=todo, unit="img", desc=f"extract {source_name}", disable=todo == 0) as bar:
 
-        def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
-            batches = list(extract_taps(net, images[idx], pre, cuts, params.batch_size, device))
-            bar.update(len(idx))
-            return {t: np.concatenate([b[t] for b in batches]) for t in cuts}
+        def advance(rows: int) -> None:
+            bar.update(rows)
+            progress.advance(bar.n)
 
-        computed = store.extend(keys, compute, on_chunk=on_chunk)
+        if params.runner == "dask":
+            from tasks.extract_dask import extend_on_dask  # distributed is imported only when asked for
+
+            computed = extend_on_dask(store, keys, images, weights_record, cuts, params, advance, on_chunk)
+        else:
+            net.to(device)
+
+            def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
+                feats = segment_features(net, images[idx], pre, cuts, params.batch_size, device)
+                advance(len(idx))
+                return feats
+
+            computed = store.extend(keys, compute, on_chunk=on_chunk)
+    progress.finish()
     seconds = time.perf_counter() - started
     unique = len(set(map(bytes, keys)))
     log.info(
-        "extract %s at %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s on %s)",
+        "extract %s at %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s, %s runner on %s)",
         source_name,
         ", ".join(cuts),
         unique,
@@ -128,6 +156,7 @@ def extract(
         computed,
         seconds,
         computed / seconds if computed and seconds > 0 else 0.0,
+        params.runner,
         device,
     )
     return {

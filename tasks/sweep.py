@@ -1,17 +1,19 @@
 """One cell of the data-fraction sweep: a strategy trained on a nested share of the target's training split, one seed.
 
-Pure functions draw the subset, train through tasks.train's own functions and score the result on
-the test split. The `sweep` task runs one cell as an MLflow child run of the sweep's parent run and
-writes its per-epoch history atomically; it is cached by content, so an interrupted sweep redoes
-only the cells it had not finished.
+Pure functions draw the subset, pick the cut frozen and partial cells train at, train through
+tasks.train's own functions and score the result on the test split. The `sweep` task runs one cell
+as an MLflow child run of the sweep's parent run and writes its per-epoch history atomically; it is
+cached by content, so an interrupted sweep redoes only the cells it had not finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -23,19 +25,42 @@ from headstart import tracking
 from headstart.backbones import Preprocess, StagedNet, preprocess
 from headstart.caching import cached, output, run_logger
 from headstart.checkpoints import atomic_write
-from headstart.config import Device, HeadParams, OptimParams, SweepStrategy, TrainParams
+from headstart.config import BEST_CUT, Device, HeadParams, OptimParams, SweepStrategy, TrainParams, UpperInit
 from headstart.datasets import Split, TaskData, load_task
-from headstart.fit import EpochCallback, FitResult, predict_logits
+from headstart.fit import EpochCallback, FitResult, predict_logits, resolve_device
 from headstart.metrics import accuracy
 from headstart.sources import load_source
 from headstart.store import provenance
 from tasks.data import nested_fraction
-from tasks.train import end_to_end_net, stored_features, train_end_to_end, train_frozen_head
+from tasks.train import (
+    STORED,
+    end_to_end_net,
+    partial_net,
+    stored_features,
+    train_end_to_end,
+    train_frozen_head,
+    train_partial,
+)
 
-ON_FEATURES: frozenset[SweepStrategy] = frozenset({"frozen"})
-"""Cells trained on the extract stage's stored features; the others train the whole network on images.
-The hook for "partial" (layers above the cut, on stored activations) and "frozen at the best stored
-cut": add them to `headstart.config.SweepStrategy` and give them a branch in the `sweep` task."""
+Pair = tuple[np.ndarray, np.ndarray]
+"""Inputs (stored activations) and labels of one split."""
+UPPER_INIT: UpperInit = "pretrained"
+"""Partial cells start the layers above the cut from the source's weights: the transfer the sweep measures."""
+
+
+def sweep_cut(setting: str, advice: Mapping[str, Any] | None) -> str:
+    """The stored cut frozen and partial cells train at: `best` is the advise stage's top-ranked cut, else `setting`.
+
+    The probe ranks the cuts once, on its stratified subset of the whole training split, and that one
+    cut serves every fraction, so each strategy's curve over the fractions is one network. It peeks at
+    no image a cell lacks when advise.seed is the cell's seed (both 0 by default): the subsets are
+    nested, so the probe's (200 a class, 3.7% of FMNIST-1) lies inside every fraction's from 5% up.
+    """
+    if setting != BEST_CUT:
+        return setting
+    if advice is None:
+        raise ValueError(f"sweep.cut is {BEST_CUT!r}: it needs the advise stage's ranking of the stored cuts")
+    return advice["ranking"][0]
 
 
 def cell_name(strategy: str, fraction: float, seed: int) -> str:
@@ -50,8 +75,8 @@ def subset(split: Split, fraction: float, seed: int) -> Split:
 
 
 def cell_params(head: HeadParams, optim: OptimParams, seed: int, device: Device) -> TrainParams:
-    """The train section tasks.train's functions expect, holding only what a cell uses."""
-    return TrainParams(runs={}, head=head, frozen=optim, end_to_end=optim, seed=seed, device=device)
+    """The train section tasks.train's functions expect, holding only what a cell uses (its one `optim`)."""
+    return TrainParams(runs={}, head=head, frozen=optim, end_to_end=optim, partial=optim, seed=seed, device=device)
 
 
 def scores_on_test(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
@@ -76,18 +101,43 @@ def cell_summary(result: FitResult, scores: dict[str, float]) -> dict[str, float
     }
 
 
+def image_scores(net: StagedNet, test: Split, pre: Preprocess, device: Device) -> dict[str, float]:
+    """A whole network's scores on the test images (preprocessed as the source's weights expect)."""
+    net = net.to(resolve_device(device))  # partial trained only the layers above the cut on `device`
+    return scores_on_test(
+        predict_logits(net, test.images, transform=partial(preprocess, spec=pre), device=device), test.labels
+    )
+
+
 def frozen_cell(
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    in_shape: tuple[int, ...],
+    train: Pair,
+    val: Pair,
+    test: Pair,
     num_classes: int,
     params: TrainParams,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[FitResult, dict[str, float]]:
     """A new head on stored features (tasks.train's frozen strategy), scored on the stored test features."""
-    head, result = train_frozen_head(train, val, in_shape, num_classes, params, on_epoch)
+    head, result = train_frozen_head(train, val, tuple(train[0].shape[1:]), num_classes, params, on_epoch)
     return result, scores_on_test(predict_logits(head, test[0], device=params.device), test[1])
+
+
+def partial_cell(
+    source_net: StagedNet,
+    arch: str,
+    cut: str,
+    train: Pair,
+    val: Pair,
+    target: TaskData,
+    pre: Preprocess,
+    params: TrainParams,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[FitResult, dict[str, float]]:
+    """The source's layers above `cut` (from its pretrained weights) plus a new head, trained on the stored
+    activations at `cut` (tasks.train's partial strategy), then scored as a whole network on the test images."""
+    net = partial_net(source_net, arch, cut, target.num_classes, params.head, pre, params.seed, UPPER_INIT)
+    result = train_partial(net, cut, train, val, params, on_epoch)
+    return result, image_scores(net, target.test, pre, params.device)
 
 
 def end_to_end_cell(
@@ -102,8 +152,7 @@ def end_to_end_cell(
     """The whole network from pretrained (finetune) or random (scratch) weights, scored on the test images."""
     net = end_to_end_net(source_net, arch, strategy, target.num_classes, params.head, pre, params.seed)
     result = train_end_to_end(net, target, pre, params, on_epoch)
-    logits = predict_logits(net, target.test.images, transform=partial(preprocess, spec=pre), device=params.device)
-    return result, scores_on_test(logits, target.test.labels)
+    return result, image_scores(net, target.test, pre, params.device)
 
 
 @task(**cached("sweep"))
@@ -111,6 +160,7 @@ def sweep(
     strategy: SweepStrategy,
     fraction: float,
     seed: int,
+    cut: str | None,
     head: HeadParams,
     optim: OptimParams,
     device: Device,
@@ -120,7 +170,11 @@ def sweep(
     data_dir: Path,
     out_dir: Path,
 ) -> dict:
-    """Train and score one cell as a child of the active (parent) MLflow run; write `out_dir/<cell>.json`."""
+    """Train and score one cell as a child of the active (parent) MLflow run; write `out_dir/<cell>.json`.
+
+    `cut` is the stored cut a frozen or partial cell trains at (None for finetune and scratch, which
+    train every layer, so a different cut does not recompute them).
+    """
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("a sweep cell logs a nested MLflow run: start the sweep's parent run first (flows/sweep.py)")
@@ -129,9 +183,14 @@ def sweep(
     target = load_task(Path(data_dir), "target")
     target = dataclasses.replace(target, train=subset(target.train, fraction, seed))
     pre = Preprocess.model_validate(weights_record["preprocess"])
-    arch, cut = weights_record["arch"], weights_record["cut"]
+    arch = weights_record["arch"]
+    if (strategy in STORED) != (cut is not None):
+        raise ValueError(
+            f"sweep cell {name!r}: frozen and partial cells take a stored cut, the others none; got {cut!r}"
+        )
     params = cell_params(head, optim, seed, device)
-    log.info("%s: %s on %d of the target's training images", name, strategy, len(target.train))
+    at = f" at {cut}" if cut else ""
+    log.info("%s: %s%s on %d of the target's training images", name, strategy, at, len(target.train))
     tags = {
         "stage": "sweep",
         "strategy": strategy,
@@ -144,32 +203,43 @@ def sweep(
         "fraction": fraction,
         "seed": seed,
         "train_size": len(target.train),
-        "source": {"name": weights_record["source"], "arch": arch, "cut": cut},
+        "cut": cut,
+        **({"upper_init": UPPER_INIT} if strategy == "partial" else {}),
+        "source": {"name": weights_record["source"], "arch": arch},
         "head": head.model_dump(mode="json"),
         "optim": optim.model_dump(mode="json"),
     }
     with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as child:
         mlflow.log_params(tracking.flatten(run_params))
-        if strategy in ON_FEATURES:
+        if strategy in STORED:
             if extract_record is None:
-                raise ValueError(f"sweep cell {name!r} trains on stored features: it needs the extract record")
+                raise ValueError(f"sweep cell {name!r} trains on stored activations: it needs the extract record")
             tags["feature_store_key"] = extract_record["store_key"]
             prov = provenance(weights_record["sha256"], arch, cut, pre)
-            splits = [target.train, target.val, target.test]
-            result, scores = frozen_cell(
-                *((stored_features(extract_record["store_path"], prov, s.images), s.labels) for s in splits),
-                tuple(extract_record["feature_shape"]),
-                target.num_classes,
-                params,
-                tracking.log_epoch,
-            )
+            store = extract_record["store_path"]
+            train_xy, val_xy = ((stored_features(store, prov, s.images), s.labels) for s in (target.train, target.val))
+            if strategy == "frozen":
+                test_xy = (stored_features(store, prov, target.test.images), target.test.labels)
+                result, scores = frozen_cell(train_xy, val_xy, test_xy, target.num_classes, params, tracking.log_epoch)
+            else:
+                source_net = load_source(weights_record)
+                result, scores = partial_cell(
+                    source_net, arch, cut, train_xy, val_xy, target, pre, params, tracking.log_epoch
+                )
         else:
             source_net = load_source(weights_record)
             result, scores = end_to_end_cell(source_net, arch, strategy, target, pre, params, tracking.log_epoch)
         mlflow.set_tags({"git_commit": tracking.git_commit(), **tags})
         summary = cell_summary(result, scores)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
-        cell = {"cell": name, "strategy": strategy, "fraction": fraction, "seed": seed, "train_size": len(target.train)}
+        cell = {
+            "cell": name,
+            "strategy": strategy,
+            "cut": cut,
+            "fraction": fraction,
+            "seed": seed,
+            "train_size": len(target.train),
+        }
         path = Path(out_dir) / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:

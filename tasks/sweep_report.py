@@ -44,6 +44,7 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (strategy, fraction), members in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
         row: dict[str, Any] = {
             "strategy": strategy,
+            "cut": members[0].get("cut"),  # one sweep trains all its frozen and partial cells at one cut
             "fraction": fraction,
             "train_size": int(np.mean([m["train_size"] for m in members])),
             "seeds": len(members),
@@ -53,6 +54,12 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{metric}_mean"], row[f"{metric}_std"] = float(values.mean()), float(values.std())
         rows.append(row)
     return rows
+
+
+def labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """strategy -> its name in the table's header and the figures' legend, with the cut it trained at
+    (`frozen at block2`): a frozen or partial result means little without it."""
+    return {r["strategy"]: f"{r['strategy']} at {r['cut']}" if r.get("cut") else r["strategy"] for r in rows}
 
 
 def series(rows: Sequence[dict[str, Any]], strategy: str, metric: str) -> dict[float, float]:
@@ -98,7 +105,8 @@ def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     fractions = sorted({r["fraction"] for r in rows})
     by_key = {(r["strategy"], r["fraction"]): r for r in rows}
-    header = ["fraction", "images"] + [f"{label}: {s}" for label, _ in METRICS.values() for s in strategies]
+    names = labels(rows)
+    header = ["fraction", "images"] + [f"{label}: {names[s]}" for label, _ in METRICS.values() for s in strategies]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for fraction in fractions:
         present = [by_key[(s, fraction)] for s in strategies if (s, fraction) in by_key]
@@ -137,12 +145,13 @@ def metric_figure(rows: Sequence[dict[str, Any]], metric: str, crossover_at: flo
     label, _ = METRICS[metric]
     fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+    names = labels(rows)
+    for strategy in names:
         mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["fraction"])
         x = np.array([100 * r["fraction"] for r in mine])
         mean = np.array([r[f"{metric}_mean"] for r in mine])
         std = np.array([r[f"{metric}_std"] for r in mine])
-        ax.plot(x, mean, marker="o", label=strategy)
+        ax.plot(x, mean, marker="o", label=names[strategy])
         if std.any():
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     if crossover_at is not None:

@@ -59,6 +59,7 @@ def tiny_params(data_root: Path, **overrides: Any) -> dict[str, Any]:
     raw["extract"]["batch_size"] = 64
     raw["train"]["frozen"].update(epochs=3, batch_size=64)
     raw["train"]["end_to_end"].update(epochs=1, batch_size=64)
+    raw["train"]["partial"].update(epochs=2, batch_size=64)
     raw["sweep"]["fractions"] = [0.5, 1.0]
     for dotted, value in overrides.items():
         node = raw

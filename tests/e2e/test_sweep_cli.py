@@ -27,13 +27,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_sweep_command_prints_the_table_and_writes_the_report(repo: Path) -> None:
     out = sh(repo, "headstart", "sweep").stdout
-    assert re.search(r"\| fraction \| images \| test accuracy: frozen \| test accuracy: finetune", out), out
+    header = r"\| fraction \| images \| test accuracy: frozen at (\w+) \| test accuracy: partial at \1 \| "
+    header += r"test accuracy: finetune"
+    assert re.search(header, out), out
     assert "| 50% |" in out and "| 100% |" in out
     assert re.search(r"scratch (never )?catches up with finetune on best validation loss", out), out
     reports = repo / "reports" / "sweep"
     with open(reports / "table.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 6  # 2 fractions x 3 strategies
-    assert len(list((reports / "cells").glob("*.json"))) == 6
+        assert len(list(csv.DictReader(f))) == 8  # 2 fractions x 4 strategies
+    assert len(list((reports / "cells").glob("*.json"))) == 8
 
 
 def test_dvc_runs_the_sweep_stage_and_then_nothing(repo: Path) -> None:

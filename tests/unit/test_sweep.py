@@ -14,7 +14,9 @@ from flows.sweep import cells
 from headstart import tracking
 from headstart.config import ParamsError, SweepParams, load_params, parse_params
 from headstart.datasets import Split
-from tasks.sweep import cell_name, subset, sweep
+from tasks.advise import probe_subset
+from tasks.data import nested_fraction
+from tasks.sweep import cell_name, subset, sweep, sweep_cut
 from tasks.sweep_report import (
     crossover,
     crossover_lines,
@@ -24,15 +26,15 @@ from tasks.sweep_report import (
     table_csv,
     table_markdown,
 )
+from tasks.train import STORED
 from tests.tiny import REPO
 from tests.unit.training_setup import Setup, prepare
 
 
-def cell(strategy: str, fraction: float, seed: int = 0, **metrics: float) -> dict:
+def cell(strategy: str, fraction: float, seed: int = 0, cut: str | None = None, **metrics: float) -> dict:
     defaults = {"test_accuracy": 0.5, "final_train_loss": 1.0, "best_val_loss": 1.0, "seconds": 1.0}
-    return {"strategy": strategy, "fraction": fraction, "seed": seed, "train_size": int(1000 * fraction)} | (
-        defaults | metrics
-    )
+    record = {"strategy": strategy, "cut": cut, "fraction": fraction, "seed": seed, "train_size": int(1000 * fraction)}
+    return record | defaults | metrics
 
 
 def test_cell_names_are_readable_and_distinct() -> None:
@@ -40,7 +42,7 @@ def test_cell_names_are_readable_and_distinct() -> None:
     assert cell_name("scratch", 0.15, 2) == "scratch-15pct-s2"  # 0.15 * 100 is 15.000000000000002
     assert cell_name("frozen", 0.125, 1) == "frozen-12.5pct-s1"
     grid = cells(SweepParams())
-    assert len({cell_name(k, f, s) for s, f, k in grid}) == len(grid) == 30
+    assert len({cell_name(k, f, s) for s, f, k in grid}) == len(grid) == 40  # 10 fractions x 4 strategies
 
 
 def test_cells_run_seed_by_seed_from_the_smallest_fraction() -> None:
@@ -72,25 +74,28 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return prepare(tmp_path_factory.mktemp("sweep"))
 
 
-def run_cell(setup: Setup, strategy: str, fraction: float, out_dir: Path, seed: int = 0) -> dict:
-    return sweep.fn(
-        strategy=strategy,
-        fraction=fraction,
-        seed=seed,
-        head=setup.params.head,
-        optim=setup.params.frozen if strategy == "frozen" else setup.params.end_to_end,
-        device="cpu",
-        weights_record=setup.weights_record,
-        extract_record=setup.extract_record if strategy == "frozen" else None,
-        data_record=setup.data_record,
-        data_dir=setup.data_dir,
-        out_dir=out_dir,
-    )
+def run_cell(setup: Setup, strategy: str, fraction: float, out_dir: Path, seed: int = 0, **overrides) -> dict:
+    """One cell as the flow calls it (frozen and partial at the store's `block2`); `overrides` replace arguments."""
+    arguments = {
+        "strategy": strategy,
+        "fraction": fraction,
+        "seed": seed,
+        "cut": "block2" if strategy in STORED else None,
+        "head": setup.params.head,
+        "optim": setup.params.end_to_end if strategy in ("finetune", "scratch") else setup.params.frozen,
+        "device": "cpu",
+        "weights_record": setup.weights_record,
+        "extract_record": setup.extract_record if strategy in STORED else None,
+        "data_record": setup.data_record,
+        "data_dir": setup.data_dir,
+        "out_dir": out_dir,
+    }
+    return sweep.fn(**(arguments | overrides))
 
 
 def test_cells_are_child_runs_of_the_parent_and_write_their_history(setup: Setup, tmp_path: Path) -> None:
     with tracking.keyed_run("sweep-test", "unit-test-parent", {"source": "fmnist"}, {"stage": "sweep"}) as parent:
-        records = {s: run_cell(setup, s, 0.5, tmp_path) for s in ("frozen", "finetune", "scratch")}
+        records = {s: run_cell(setup, s, 0.5, tmp_path) for s in ("frozen", "partial", "finetune", "scratch")}
     client = MlflowClient()
     for strategy, record in records.items():
         assert record["train_size"] == 30  # half of the 60 training images, stratified
@@ -99,6 +104,8 @@ def test_cells_are_child_runs_of_the_parent_and_write_their_history(setup: Setup
         run = client.get_run(record["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["strategy"] == strategy and run.data.params["fraction"] == "0.5"
+        assert record["cut"] == ("block2" if strategy in STORED else None)
+        assert run.data.params["cut"] == str(record["cut"])
         assert run.data.metrics["test_accuracy"] == pytest.approx(record["test_accuracy"])
         written = json.loads((tmp_path / f"{record['cell']}.json").read_text())
         assert written["test_accuracy"] == record["test_accuracy"]
@@ -107,6 +114,35 @@ def test_cells_are_child_runs_of_the_parent_and_write_their_history(setup: Setup
     assert records["finetune"]["test_accuracy"] != records["scratch"]["test_accuracy"] or (
         records["finetune"]["best_val_loss"] != records["scratch"]["best_val_loss"]
     )
+    # partial trains more than the head (fc1 above block2), so it is not the frozen cell under another name
+    assert records["partial"]["best_val_loss"] != records["frozen"]["best_val_loss"]
+    assert client.get_run(records["partial"]["mlflow_run_id"]).data.params["upper_init"] == "pretrained"
+
+
+def test_a_cell_takes_a_cut_exactly_when_it_trains_on_stored_activations(setup: Setup, tmp_path: Path) -> None:
+    with tracking.keyed_run("sweep-test", "unit-test-cut-check", {}, {}):
+        with pytest.raises(ValueError, match="take a stored cut"):
+            run_cell(setup, "partial", 0.5, tmp_path, cut=None)
+        with pytest.raises(ValueError, match="take a stored cut"):
+            run_cell(setup, "finetune", 0.5, tmp_path, cut="block2")
+
+
+def test_best_cut_is_the_probes_first_and_a_named_cut_is_kept() -> None:
+    advice = {"ranking": ["block1", "block2", "fc1"]}
+    assert sweep_cut("best", advice) == "block1"
+    assert sweep_cut("fc1", advice) == "fc1"
+    assert sweep_cut("fc1", None) == "fc1"
+    with pytest.raises(ValueError, match="advise"):
+        sweep_cut("best", None)
+
+
+def test_the_probe_sees_only_images_every_fraction_from_5pct_trains_on() -> None:
+    """Why one probe ranking may pick the cut for every fraction: with the same seed its subset is nested inside."""
+    labels = np.random.default_rng(7).permutation(np.repeat(np.arange(5), 5400))  # FMNIST-1's training split
+    probe = set(probe_subset(labels, per_class=200, seed=0))
+    assert len(probe) == 1000
+    assert probe <= set(nested_fraction(labels, 0.05, seed=0))
+    assert not probe <= set(nested_fraction(labels, 0.05, seed=1))  # another seed: the probe saw other images
 
 
 def test_the_parent_run_is_found_again_by_its_key() -> None:
@@ -172,7 +208,17 @@ def test_table_has_a_line_per_fraction_and_a_column_per_strategy_and_metric() ->
     assert "best validation loss: scratch" in lines[0] and "test accuracy: finetune" in lines[0]
     assert lines[2].startswith("| 5% | 50 |") and "0.600" in lines[2]
     csv_lines = table_csv(rows).splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith("strategy,fraction,train_size,seeds")
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("strategy,cut,fraction,train_size,seeds")
+
+
+def test_table_and_figures_name_the_cut_of_frozen_and_partial() -> None:
+    cells = [cell("frozen", 1.0, cut="block1"), cell("partial", 1.0, cut="block1"), cell("scratch", 1.0, cut=None)]
+    rows = summarise(cells)
+    assert [r["cut"] for r in rows] == ["block1", "block1", None]
+    header = table_markdown(rows).splitlines()[0]
+    assert "test accuracy: frozen at block1 | test accuracy: partial at block1 | test accuracy: scratch |" in header
+    labels = [line.get_label() for line in metric_figure(rows, "test_accuracy").axes[0].get_lines()]
+    assert labels == ["frozen at block1", "partial at block1", "scratch"]
 
 
 def test_table_shows_the_spread_over_several_seeds() -> None:
@@ -194,8 +240,9 @@ def test_sweep_params_are_validated_naming_the_key() -> None:
     for key, value, expected in (
         ("fractions", [0.5, 0.5], "distinct"),
         ("fractions", [0.0, 0.5], "greater than 0"),
-        ("strategies", ["partial"], "'frozen', 'finetune' or 'scratch'"),
+        ("strategies", ["auto"], "'frozen', 'partial', 'finetune' or 'scratch'"),
         ("source", "nowhere", "expected one of"),
+        ("cut", "block9", "expected 'best' or one of \\['block2', 'block1', 'fc1'\\]"),
     ):
         bad = {**raw, "sweep": {**raw["sweep"], key: value}}
         with pytest.raises(ParamsError, match=expected) as err:
