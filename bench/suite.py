@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import time
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,9 @@ def run_benchmarks(ws: Workspace, only: Sequence[str] = ()) -> list[Row]:
         if only and name not in only:
             continue
         log(f"--- {name}")
+        started = time.perf_counter()
         rows += importlib.import_module(f"bench.{name}").run(ws)
+        log(f"{name}: {time.perf_counter() - started:.0f} s")
     return rows
 
 

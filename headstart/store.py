@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,19 +434,33 @@ class FeatureStore:
         start at the same chunk boundaries, so batches formed inside them are the same whether or not
         an earlier run was interrupted: resumed features are bitwise those of an uninterrupted run.
         `on_chunk(rows)` runs after each committed chunk (tests use it to slow a run and kill it).
+
+        One background thread writes and commits chunk k (compression and file writes) while the
+        caller's thread computes chunk k+1; chunks are still committed one at a time, in order.
         """
         _check_keys(keys)
+
+        def commit(a: int, b: int, chunk_keys: np.ndarray, feats: Features) -> None:
+            self.write_rows(a, chunk_keys, feats)
+            self._set_attrs(rows=b)
+            if on_chunk is not None:
+                on_chunk(b)
+
         with self._writer_lock():
             todo = self._begin(keys)
             if todo is None:
                 return 0
             start = self.rows
-            for a, b in chunk_segments(start, start + len(todo), self.chunk_rows):
-                idx = todo[a - start : b - start]
-                self.write_rows(a, keys[idx], compute(idx))
-                self._set_attrs(rows=b)
-                if on_chunk is not None:
-                    on_chunk(b)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
+                writing: Future[None] | None = None
+                for a, b in chunk_segments(start, start + len(todo), self.chunk_rows):
+                    idx = todo[a - start : b - start]
+                    feats = compute(idx)
+                    if writing is not None:
+                        writing.result()  # the previous chunk is committed (or its error raised) first
+                    writing = writer.submit(commit, a, b, keys[idx], feats)
+                if writing is not None:
+                    writing.result()
             self._publish()
         return len(todo)
 

@@ -35,7 +35,7 @@ from headstart.heads import make_head
 from headstart.store import provenance
 from tasks.data import nested_fraction
 from tasks.extract import segment_features
-from tasks.train import stored_features
+from tasks.train import needs_features, stored_features
 
 PIXELS = "pixels"
 """The probe's other reference input: the raw target images, no network at all."""
@@ -266,5 +266,6 @@ def advise(
         mlflow.log_artifact(str(figure_path))
         mlflow.log_artifact(str(advice_path))
     rec = advice["recommendation"]
-    log.info("advise %s: %s; recommends %s at %s", source_name, advice["quadrant"], rec["strategy"], rec["cut"])
+    at = f" at {rec['cut']}" if needs_features(rec["strategy"]) else ""
+    log.info("advise %s: %s; recommends %s%s", source_name, advice["quadrant"], rec["strategy"], at)
     return {**advice, "mlflow_run_id": mlrun.info.run_id, "outputs": [output(advice_path), output(figure_path)]}
