@@ -117,10 +117,10 @@ def main(root: Path) -> None:
 
     configure_environment(root)  # before Prefect is imported
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.pipeline import transfer
     from headstart.config import load_params
+    from tests.states import final_task_runs
 
     params = load_params(root / "params.yaml")
     started = time.perf_counter()
@@ -131,8 +131,7 @@ def main(root: Path) -> None:
         done = time.perf_counter()
         if not state.is_completed():
             raise RuntimeError(f"the transfer flow ended {state}")
-        flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        task_runs = client.read_task_runs(flow_run_filter=flow_filter)
+        task_runs = final_task_runs(client, state.state_details.flow_run_id)
     recomputed = sum(tr.state_name != "Cached" for tr in task_runs)
     print(json.dumps({"startup": up - started, "flow": done - up, "recomputed": recomputed}))
 

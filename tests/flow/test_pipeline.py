@@ -13,11 +13,11 @@ from typing import Any
 import mlflow
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.layout import Layout
 from flows.pipeline import transfer
 from headstart.config import parse_params
+from tests.states import task_states
 from tests.tiny import install_mobilenet, tiny_params, write_tiny_fmnist
 
 
@@ -27,8 +27,7 @@ def run_flow(root: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], Counter]:
     assert state.is_completed(), state
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states = Counter((tr.name.rsplit("-", 1)[0], tr.state_name) for tr in task_runs)
+        states = task_states(client, flow_run_id)
     return state.result(), states
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import mlflow
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows import stages
 from flows.layout import Layout
@@ -24,6 +23,7 @@ from flows.sweep import fraction_sweep
 from headstart.config import Params, parse_params
 from tasks.sweep import cell_name
 from tasks.train import STORED
+from tests.states import task_states
 from tests.tiny import tiny_params, write_tiny_fmnist
 
 FRACTIONS = [0.5, 1.0]
@@ -35,9 +35,7 @@ def run_sweep(root: Path, params: Params) -> tuple[Any, Counter]:
     """Run the flow (inputs already prepared); return its final state and the task runs' states by task."""
     state = fraction_sweep(params=params, root=root, upstream=False, return_state=True)
     with get_client(sync_client=True) as client:
-        flow_run_id = state.state_details.flow_run_id
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return state, Counter((tr.name.rsplit("-", 1)[0], tr.state_name) for tr in task_runs)
+        return state, task_states(client, state.state_details.flow_run_id)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,6 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    FlowRunFilter,
-    FlowRunFilterId,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
@@ -36,18 +34,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from headstart import servers, tracking
 from tasks.data import read_idx
 from tests.ops.conftest import BIN, assert_all_gone, clean_env, free_port, process_tree
+from tests.states import task_states
 from tests.tiny import IDX_FILES, REPO, encode_idx, tiny_params, write_tiny_fmnist
 
 pytestmark = pytest.mark.slow
 
 STAGES = {"data", "pretrain", "weights", "extract", "train", "evaluate"}
 TIMEOUT_S = 480
-
-
-def task_states(client: SyncPrefectClient, flow_run: FlowRun) -> Counter:
-    """How many task runs of a flow run ended in each state, by task name."""
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    return Counter((tr.name.rsplit("-", 1)[0], tr.state_name) for tr in runs)
 
 
 def computed(states: Counter) -> set[str]:
@@ -130,7 +123,7 @@ def scheduled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 @pytest.fixture(scope="module")
 def first_two(scheduled: dict[str, Any]) -> list[tuple[FlowRun, Counter]]:
     client = scheduled["client"]
-    return [(run, task_states(client, run)) for run in wait_for_runs(client, 2)]
+    return [(run, task_states(client, run.id)) for run in wait_for_runs(client, 2)]
 
 
 def test_the_first_scheduled_run_computes_every_stage(first_two):
@@ -163,14 +156,14 @@ def test_each_run_publishes_its_summary_and_training_progress(first_two, schedul
         assert expected in summary.data
     assert f"runs/{mlflow_run.info.run_id})" in summary.data
     bars = {a.description.split(":")[0].rsplit("-", 1)[0]: a.data for a in artifacts if a.type == "progress"}
-    assert bars == {"pretrain": 100.0, "train": 100.0}
+    assert bars == {"pretrain": 100.0, "extract": 100.0, "train": 100.0}
 
 
 def test_after_a_data_change_only_what_depends_on_it_runs_again(first_two, scheduled: dict[str, Any]):
     change_one_target_image(scheduled["data_root"])
     changed_at = datetime.now(UTC)
     (run,) = wait_for_runs(scheduled["client"], 1, started_after=changed_at)
-    assert computed(task_states(scheduled["client"], run)) == {"data", "extract", "train", "evaluate"}
+    assert computed(task_states(scheduled["client"], run.id)) == {"data", "extract", "train", "evaluate"}
 
 
 def test_stopping_pauses_the_schedule_and_leaves_no_process(first_two, scheduled: dict[str, Any]):
