@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+
+from headstart.backbones import Preprocess, create_model
+from headstart.checkpoints import save_weights
 
 REPO = Path(__file__).resolve().parent.parent
 MOBILENET = REPO / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
@@ -79,3 +83,18 @@ def install_mobilenet(torch_home: Path) -> bool:
     if not target.exists():
         shutil.copyfile(MOBILENET, target)
     return True
+
+
+def random_cnn_weights(path: Path, pre: Preprocess) -> dict[str, Any]:
+    """The weights record of a seeded, untrained fmnist_cnn saved at `path`: extraction needs weights, not training."""
+    torch.manual_seed(0)
+    sha = save_weights(create_model("fmnist_cnn", 5).state_dict(), path)
+    return {
+        "source": "fmnist",
+        "uri": str(path),
+        "path": str(path),
+        "sha256": sha,
+        "arch": "fmnist_cnn",
+        "cut": "block2",
+        "preprocess": pre.model_dump(mode="json"),
+    }

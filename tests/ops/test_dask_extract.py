@@ -21,17 +21,15 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-import torch
 
-from headstart.backbones import Preprocess, create_model
-from headstart.checkpoints import save_weights
+from headstart.backbones import Preprocess
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
 from headstart.fingerprint import row_keys
 from headstart.store import MARKER, SHARDS, FeatureStore, IncompleteStoreError, plan_shards, provenance
 from tasks.extract import extract
 from tests.ops.conftest import assert_all_gone
-from tests.tiny import tiny_images
+from tests.tiny import random_cnn_weights, tiny_images
 
 REPO = Path(__file__).resolve().parents[2]
 PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
@@ -81,18 +79,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         Split(images[b:], labels[b:]),
     )
     record = save_task(task, root / "data")
-    torch.manual_seed(0)
-    path = root / "source.safetensors"
-    sha = save_weights(create_model("fmnist_cnn", 5).state_dict(), path)
-    weights = {
-        "source": "fmnist",
-        "uri": str(path),
-        "path": str(path),
-        "sha256": sha,
-        "arch": "fmnist_cnn",
-        "cut": "block2",
-        "preprocess": PRE.model_dump(mode="json"),
-    }
+    weights = random_cnn_weights(root / "source.safetensors", PRE)
     local = extract.fn("fmnist", weights, record, LOCAL, root / "data", root / "local", taps=TAPS)
     assert local["computed"] == N
     keys = row_keys(np.concatenate([task.split(s).images for s in SPLITS]))

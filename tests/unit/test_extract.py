@@ -18,12 +18,13 @@ import zarr
 
 from headstart.backbones import Preprocess, create_model, preprocess
 from headstart.caching import outputs_intact
-from headstart.checkpoints import load_weights, save_weights
+from headstart.checkpoints import load_weights
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
 from headstart.fingerprint import row_keys
 from headstart.store import FeatureStore, IncompleteStoreError, provenance, store_path
 from tasks.extract import extract, extract_taps, stored_taps
+from tests.tiny import random_cnn_weights
 
 REPO = Path(__file__).resolve().parents[2]
 PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
@@ -50,18 +51,7 @@ def all_images(task: TaskData) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "source.safetensors"
-    sha = save_weights(create_model("fmnist_cnn", 5).state_dict(), path)
-    return {
-        "source": "fmnist",
-        "uri": str(path),
-        "path": str(path),
-        "sha256": sha,
-        "arch": "fmnist_cnn",
-        "cut": "block2",
-        "preprocess": PRE.model_dump(mode="json"),
-    }
+    return random_cnn_weights(tmp_path_factory.mktemp("weights") / "source.safetensors", PRE)
 
 
 def prov(weights: dict) -> dict:
