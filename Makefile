@@ -9,7 +9,7 @@ MOBILENET := .torch/hub/checkpoints/mobilenet_v2-b0353104.pth
 MOBILENET_SHA256 := b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install run test ui lint fmnist dvc-setup clean-state prefect-server mlflow-server bench bench-quick
+.PHONY: install run test check ui lint fmnist dvc-setup clean-state prefect-server mlflow-server bench bench-quick
 
 install: $(VENV)/.installed fmnist $(MOBILENET) dvc-setup
 
@@ -45,6 +45,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The unit tier alone (pure functions, the contract and layer checks): what to run after every edit.
+check: install
+	$(BIN)/python -m pytest -q tests/unit
 
 # Measured speed-ups and cache costs, one table (also written to reports/bench.md); < 20 min on 2 cores.
 bench: install

@@ -18,7 +18,8 @@ from headstart.backbones import preprocess
 from headstart.fit import fit
 from headstart.heads import make_head
 from headstart.sources import load_source
-from tasks.train import train_frozen_head
+from headstart.strategies import train_frozen_head
+from tasks.train import recipe_of
 
 NAME = "cached_head"
 GOAL = Goal(">=", 20.0)
@@ -33,8 +34,9 @@ def case(ws: Workspace, arch: str, epochs: int) -> Row:
     params = ws.train_params
     no_early_stop = params.frozen.model_copy(update={"epochs": epochs, "patience": epochs})
     params = params.model_copy(update={"frozen": no_early_stop})
-    in_shape, classes = tuple(stored.extract["feature_shape"]), stored.task.num_classes
-    cut = stored.weights["cut"]
+    recipe = recipe_of("frozen", params)  # as the train stage trains a frozen run under these params
+    in_shape, classes = stored.feature_shape, stored.task.num_classes
+    cut = stored.weights.cut
 
     def frozen_every_epoch() -> tuple[float, float]:
         body = load_source(stored.weights).upto(cut)
@@ -54,7 +56,7 @@ def case(ws: Workspace, arch: str, epochs: int) -> Row:
         return result.seconds / result.epochs, result.history[-1]["val_accuracy"]
 
     def once(rep: int) -> dict[str, float]:
-        _, cached = train_frozen_head((train_x, train.labels), (val_x, val.labels), in_shape, classes, params)
+        _, cached = train_frozen_head((train_x, train.labels), (val_x, val.labels), classes, recipe)
         end_to_end, e2e_acc = frozen_every_epoch()
         cached_epoch = cached.seconds / cached.epochs
         acc = cached.history[-1]["val_accuracy"]

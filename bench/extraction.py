@@ -8,9 +8,9 @@ import torch
 from bench.timing import Goal, Row, Stat, repeat, stat, timed
 from bench.workspace import Workspace
 from headstart.backbones import Preprocess, preprocess
+from headstart.extraction import stored_taps
 from headstart.fit import resolve_device
 from headstart.sources import load_source
-from tasks.extract import stored_taps, weights_preprocess
 
 NAME = "extraction"
 GOAL = Goal(">=", 0.9)
@@ -38,13 +38,13 @@ def forward_loop(body: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
 
 def case(ws: Workspace, arch: str, size: int, n: int, with_taps: bool) -> Row:
     task = ws.rows(n)
-    data_dir, data_record = ws.save(task, f"extraction-{n}")
+    data_dir, task_meta = ws.save(task, f"extraction-{n}")
     record = ws.weights(arch, size)
-    pre = weights_preprocess(record)
+    pre = record.preprocess
     device = resolve_device(ws.params.extract.device)
     net = load_source(record)
     taps = [t for s in ws.params.sources.values() if s.arch == arch for t in s.taps] if with_taps else []
-    stored = stored_taps(net, record["cut"], taps)
+    stored = stored_taps(net, record.cut, taps)
     body = net.upto(stored[-1]).eval().to(device)
     bs = ws.params.extract.batch_size
     images = task.train.images
@@ -53,10 +53,10 @@ def case(ws: Workspace, arch: str, size: int, n: int, with_taps: bool) -> Row:
 
     def once(rep: int) -> dict[str, float]:
         store_root = ws.fresh_dir("extraction")
-        extracted, seconds = ws.extract(record, data_dir, data_record, store_root, taps)
+        extracted, seconds = ws.extract(record, data_dir, task_meta, store_root, taps)
         ws.drop(store_root)
-        if extracted["computed"] != n:
-            raise RuntimeError(f"the extract task computed {extracted['computed']} rows, expected {n}")
+        if (computed := ws.computed(extracted)) != n:  # a fresh store root: every row is computed
+            raise RuntimeError(f"the extract task computed {computed} rows, expected {n}")
         _, forward = timed(lambda: forward_loop(body, ready))
         _, pre_forward = timed(lambda: forward_loop(body, batches(images, pre, bs, device)))
         return {"extract": n / seconds, "forward": n / forward, "pre": n / pre_forward, "ratio": forward / seconds}

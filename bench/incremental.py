@@ -18,28 +18,29 @@ def run(ws: Workspace) -> list[Row]:
     added = round(len(grown.train) / 101)  # 1% of the rows there were before
     images, labels = grown.train.images, grown.train.labels
     base = replace(grown, train=Split(images[:-added], labels[:-added]))
-    base_dir, base_record = ws.save(base, f"incremental-base-{len(base.train)}")
-    grown_dir, grown_record = ws.save(grown, f"incremental-grown-{len(grown.train)}")
+    base_dir, base_meta = ws.save(base, f"incremental-base-{len(base.train)}")
+    grown_dir, grown_meta = ws.save(grown, f"incremental-grown-{len(grown.train)}")
     record = ws.weights(ARCH, SIZE)
 
     def once(rep: int) -> dict[str, float]:
         updated, scratch = ws.fresh_dir("incremental"), ws.fresh_dir("full")
-        ws.extract(record, base_dir, base_record, updated)
-        incremental, incremental_s = ws.extract(record, grown_dir, grown_record, updated)
-        full, full_s = ws.extract(record, grown_dir, grown_record, scratch)
+        first, _ = ws.extract(record, base_dir, base_meta, updated)
+        incremental, incremental_s = ws.extract(record, grown_dir, grown_meta, updated)
+        full, full_s = ws.extract(record, grown_dir, grown_meta, scratch)
         ws.drop(updated)
         ws.drop(scratch)
+        incremental_rows, full_rows = ws.computed(incremental, before=first), ws.computed(full)
         return {
-            "incremental_rows": incremental["computed"],
-            "full_rows": full["computed"],
-            "rows_ratio": incremental["computed"] / full["computed"],
+            "incremental_rows": incremental_rows,
+            "full_rows": full_rows,
+            "rows_ratio": incremental_rows / full_rows,
             "incremental_s": incremental_s,
             "full_s": full_s,
             "ratio": incremental_s / full_s,
         }
 
     samples = repeat(once, ws.repeats, NAME)
-    where = f"{ARCH}@{record['cut']}, {len(base.train)} + {added} img"
+    where = f"{ARCH}@{record.cut}, {len(base.train)} + {added} img"
     return [
         Row(
             f"4. incremental: rows computed, {where}",

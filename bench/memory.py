@@ -1,7 +1,8 @@
 """Benchmark 5: peak memory of the extract task at N and 10N samples (a process per run).
 
 Run as `python -m bench.memory DATA_DIR WEIGHTS_JSON STORE_ROOT` it is one such process: it runs
-the extract task and prints its peak resident set size, and the size before the task began.
+the extract task (WEIGHTS_JSON: a SourceWeights record) and prints its peak resident set size, and
+the size before the task began.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.tiny import REPO
 
 if TYPE_CHECKING:
     from bench.workspace import Workspace
+    from headstart.records import SourceWeights
 
 NAME = "memory"
 GOAL = Goal("<=", 1.2)
@@ -38,8 +40,8 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_process(data_dir: Path, weights_record: dict, store_root: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "bench.memory", str(data_dir), json.dumps(weights_record), str(store_root)]
+def one_process(data_dir: Path, weights_record: SourceWeights, store_root: Path) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "bench.memory", str(data_dir), weights_record.model_dump_json(), str(store_root)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -64,7 +66,7 @@ def run(ws: Workspace) -> list[Row]:
     samples = repeat(once, ws.process_repeats, NAME)
     return [
         Row(
-            f"5. memory: peak RSS of extract, {ARCH}@{record['cut']}, {n} vs {10 * n} img",
+            f"5. memory: peak RSS of extract, {ARCH}@{record.cut}, {n} vs {10 * n} img",
             [
                 (f"{n} img", stat(samples, "small", "MB")),
                 (f"{10 * n} img", stat(samples, "large", "MB")),
@@ -76,21 +78,26 @@ def run(ws: Workspace) -> list[Row]:
     ]
 
 
-def main(data_dir: Path, weights_record: dict, store_root: Path) -> None:
+def main(data_dir: Path, weights_json: str, store_root: Path) -> None:
     """Run the extract task on the data set written in `data_dir`; print peak RSS before and after as JSON."""
     from headstart.config import ExtractParams, load_params
     from headstart.datasets import load_task
+    from headstart.records import SourceWeights, TaskMeta
     from tasks.extract import extract
 
     params: ExtractParams = load_params(REPO / "params.yaml").extract
-    data_record = json.loads((data_dir / "target.json").read_text())
+    weights = SourceWeights.model_validate_json(weights_json)
+    task_meta = TaskMeta.read(data_dir / "target.json")
+    if store_root.exists() and any(store_root.iterdir()):
+        raise RuntimeError(f"{store_root} is not empty: the measured run must compute every row")
     before = peak_rss_mb()
-    record = extract.fn(weights_record["source"], weights_record, data_record, params, data_dir, store_root)
+    record = extract.fn(weights, task_meta, params, data_dir, store_root)
     peak = peak_rss_mb()
-    if record["computed"] != sum(len(load_task(data_dir, "target").split(s)) for s in ("train", "val", "test")):
-        raise RuntimeError(f"extract computed {record['computed']} rows, not the whole data set")
+    total = sum(len(load_task(data_dir, "target").split(s)) for s in ("train", "val", "test"))
+    if record.rows != total:  # a fresh store: the rows it holds are the rows this run computed
+        raise RuntimeError(f"extract computed {record.rows} rows, not the whole data set ({total})")
     print(json.dumps({"before_mb": before, "peak_mb": peak}))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3]))
+    main(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))

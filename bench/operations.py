@@ -64,7 +64,7 @@ def make_project(root: Path) -> tuple[Path, np.ndarray]:
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for package in ("headstart", "tasks", "flows"):  # a frozen copy of the code: stable cache keys
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    from tasks.data import read_idx
+    from headstart.fmnist import read_idx
 
     return data_root, read_idx(data_root / IDX_FILES[("test", "images")], ndim=3)
 

@@ -21,7 +21,8 @@ from headstart.datasets import TaskData
 from headstart.fit import predict_logits
 from headstart.metrics import accuracy
 from headstart.sources import load_source
-from tasks.train import partial_net, train_end_to_end, train_partial
+from headstart.strategies import partial_net, train_end_to_end, train_partial
+from tasks.train import recipe_of
 
 NAME = "partial"
 GOAL = Goal(">=", 3.0)
@@ -50,10 +51,11 @@ def compare_partial(
     `features` are the stored activations at `cut` of the training and validation images.
     """
     k, train, val = task.num_classes, task.train, task.val
+    recipe = recipe_of("partial", params)  # train.partial's optimiser on both sides, as the train stage uses it
     stored_net = partial_net(source_net, arch, cut, k, params.head, pre, params.seed)
-    stored = train_partial(stored_net, cut, (features[0], train.labels), (features[1], val.labels), params)
+    stored = train_partial(stored_net, cut, (features[0], train.labels), (features[1], val.labels), recipe)
     images_net = partial_net(source_net, arch, cut, k, params.head, pre, params.seed)
-    images = train_end_to_end(images_net, task, pre, params, optim=params.partial)
+    images = train_end_to_end(images_net, task, pre, recipe)
     out = {
         "stored_epoch": float(np.median([h["seconds"] for h in stored.history])),
         "e2e_epoch": float(np.median([h["seconds"] for h in images.history])),
@@ -74,7 +76,7 @@ def run(ws: Workspace) -> list[Row]:
     if why := ws.unavailable(arch):
         return [Row(label, skipped=why)]
     stored = ws.shared(arch)
-    cut = stored.weights["cut"]
+    cut = stored.weights.cut
     epochs = ws.size(2, EPOCHS)
     params = ws.params.train
     no_early_stop = params.partial.model_copy(update={"epochs": epochs, "patience": epochs})

@@ -16,26 +16,21 @@ from sklearn.preprocessing import StandardScaler
 from bench.timing import Row, Stat, repeat, stat, timed
 from bench.workspace import SHARED, Workspace
 from headstart.fit import predict_logits
-from tasks.train import train_frozen_head
+from headstart.strategies import train_frozen_head
+from tasks.train import recipe_of
 
 NAME = "sklearn_baseline"
 
 
 def case(ws: Workspace, arch: str) -> Row:
     stored = ws.shared(arch)
-    task, params = stored.task, ws.train_params
+    task, recipe = stored.task, recipe_of("frozen", ws.train_params)
     train_x, val_x, test_x = (stored.features(s) for s in ("train", "val", "test"))
     flat = [x.reshape(len(x), -1) for x in (train_x, test_x)]
 
     def once(rep: int) -> dict[str, float]:
         (head, result), head_s = timed(
-            lambda: train_frozen_head(
-                (train_x, task.train.labels),
-                (val_x, task.val.labels),
-                tuple(stored.extract["feature_shape"]),
-                task.num_classes,
-                params,
-            )
+            lambda: train_frozen_head((train_x, task.train.labels), (val_x, task.val.labels), task.num_classes, recipe)
         )
         head_acc = float((predict_logits(head, test_x).argmax(1).numpy() == task.test.labels).mean())
         model = make_pipeline(StandardScaler(), LogisticRegression())
@@ -54,7 +49,7 @@ def case(ws: Workspace, arch: str) -> Row:
 
     samples = repeat(once, ws.repeats, f"{NAME} {arch}")
     return Row(
-        f"7. vs scikit-learn LogisticRegression, {arch}@{stored.weights['cut']} "
+        f"7. vs scikit-learn LogisticRegression, {arch}@{stored.weights.cut} "
         f"{stored.preprocess.image_size}px, {len(task.train)} train img",
         [
             ("head fit", stat(samples, "head_s", "s")),

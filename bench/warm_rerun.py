@@ -2,8 +2,9 @@
 
 Each repetition is a fresh project (its own Prefect home, MLflow store, torch cache) and two
 processes, as a user runs `headstart run` twice: the cold one computes everything, the warm one
-should only find its cached results. Run as `python -m bench.warm_rerun ROOT` it is one such
-process: it prints how long Prefect took to start and how long the flow itself took.
+should only find its cached results (the raw stage still fingerprints the raw data, as it does on
+every run). Run as `python -m bench.warm_rerun ROOT` it is one such process: it prints how long
+Prefect took to start and how long the flow itself took.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ NAME = "warm_rerun"
 GOAL = Goal("<=", 0.05)
 ISOLATED_PREFIXES = ("PREFECT_", "MLFLOW_", "HEADSTART_")
 CODE = ("headstart", "tasks", "flows")
+ALWAYS_RUNS = "raw"
+"""The task every flow run computes: the raw stage's fingerprint of the raw data (not cached, by design)."""
 """Copied into each project: cache keys hash the code, which must not change between the two runs."""
 
 
@@ -94,7 +97,11 @@ def run(ws: Workspace) -> list[Row]:
     return [
         Row(
             "3. warm rerun, flow (Prefect server up)",
-            [("cold", stat(samples, "cold", "s")), ("warm", stat(samples, "warm", "s")), ("tasks recomputed", tasks)],
+            [
+                ("cold", stat(samples, "cold", "s")),
+                ("warm", stat(samples, "warm", "s")),
+                ("tasks recomputed (besides raw)", tasks),
+            ],
             Stat(tuple(s["ratio"] for s in samples)),
             GOAL,
         ),
@@ -132,7 +139,9 @@ def main(root: Path) -> None:
         if not state.is_completed():
             raise RuntimeError(f"the transfer flow ended {state}")
         task_runs = final_task_runs(client, state.state_details.flow_run_id)
-    recomputed = sum(tr.state_name != "Cached" for tr in task_runs)
+    # raw is never cached (it is what the raw files are now): every other task run that was not a cache hit
+    # recomputed something; a stage whose record on disk is current starts no task run at all
+    recomputed = sum(tr.state_name != "Cached" for tr in task_runs if tr.name.rsplit("-", 1)[0] != ALWAYS_RUNS)
     print(json.dumps({"startup": up - started, "flow": done - up, "recomputed": recomputed}))
 
 

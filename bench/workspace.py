@@ -19,11 +19,14 @@ from headstart.backbones import Preprocess, create_model
 from headstart.checkpoints import save_weights
 from headstart.config import DataParams, Params, SourceParams, TrainParams, load_params
 from headstart.datasets import SPLITS, Split, TaskData, load_task, save_task
+from headstart.extraction import stored_features
+from headstart.fmnist import SYSTEM_DIR, idx_files
+from headstart.images import FMNIST_DECODE
+from headstart.records import ExtractRecord, SourceWeights, TaskMeta
 from headstart.sources import KNOWN_SHA256
-from headstart.store import provenance
-from tasks.data import SYSTEM_DIR, data, idx_files
-from tasks.extract import extract, weights_preprocess
-from tasks.train import stored_features
+from tasks.data import data
+from tasks.extract import extract
+from tasks.raw import raw
 from tasks.weights import weights
 from tests.tiny import MOBILENET as MOBILENET_FILE
 from tests.tiny import install_mobilenet, tiny_images
@@ -53,8 +56,8 @@ class Workspace:
         self.quick = quick
         self.fmnist_dir = Path(fmnist_dir)
         self.repeats = repeats
-        self._weights: dict[str, dict[str, Any]] = {}
-        self._saved: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self._weights: dict[str, SourceWeights] = {}
+        self._saved: dict[str, tuple[Path, TaskMeta]] = {}
         self._stores: dict[str, Stored] = {}
 
     def size(self, quick: int, full: int) -> int:
@@ -100,7 +103,8 @@ class Workspace:
         """FMNIST-1 made by the real data stage (27000/3000/5000 rows), or a synthetic stand-in of that size."""
         if self.has_fmnist:
             out = self.root / "data" / "fmnist"
-            data.fn(DataParams(root=self.fmnist_dir), out, self.root / ".cache" / "fashion-mnist")
+            params = DataParams(root=self.fmnist_dir)
+            data.fn(params, raw.fn(params), out, self.root / ".cache" / "fashion-mnist")
             return load_task(out, "target")
         log(f"no Fashion-MNIST at {self.fmnist_dir}: synthetic images stand in for speed benchmarks")
         images, labels = tiny_images(SYNTHETIC_ROWS, seed=0)
@@ -125,14 +129,14 @@ class Workspace:
         empty = Split(images[:0], labels[:0])
         return TaskData("target", t.class_names, Split(images, labels), empty, empty)
 
-    def save(self, task: TaskData, name: str) -> tuple[Path, dict[str, Any]]:
-        """`task` written the way the data stage writes it: (data_dir, data record)."""
+    def save(self, task: TaskData, name: str) -> tuple[Path, TaskMeta]:
+        """`task` written the way the data stage writes it (Fashion-MNIST's decoding): (data_dir, its TaskMeta)."""
         if name not in self._saved:
             folder = self.root / "data" / name
-            self._saved[name] = (folder, save_task(task, folder))
+            self._saved[name] = (folder, TaskMeta(**save_task(task, folder, FMNIST_DECODE)))
         return self._saved[name]
 
-    def weights(self, arch: str, image_size: int) -> dict[str, Any]:
+    def weights(self, arch: str, image_size: int) -> SourceWeights:
         """A weights record from the real weights stage: mobilenet_v2 with ImageNet weights when installed,
         every other architecture randomly initialised (seed 0), cut where params.yaml cuts it (else `pool`)."""
         name = f"{arch}-{image_size}"
@@ -154,23 +158,31 @@ class Workspace:
                 out_dir=self.root / "weights",
                 cache_dir=self.root / ".cache" / "weights",
             )
-            self._weights[name] = record["sources"][name]
+            self._weights[name] = record.sources[name]
         return self._weights[name]
 
     def extract(
         self,
-        weights_record: dict[str, Any],
+        weights_record: SourceWeights,
         data_dir: Path,
-        data_record: dict[str, Any],
+        task_meta: TaskMeta,
         store_root: Path,
         taps: Sequence[str] = (),
-    ) -> tuple[dict[str, Any], float]:
+    ) -> tuple[ExtractRecord, float]:
         """The real extract task (params.yaml's extract section), storing the cut and `taps`: (its record, seconds)."""
-        return timed(
-            lambda: extract.fn(
-                weights_record["source"], weights_record, data_record, self.params.extract, data_dir, store_root, taps
-            )
-        )
+        return timed(lambda: extract.fn(weights_record, task_meta, self.params.extract, data_dir, store_root, taps))
+
+    @staticmethod
+    def computed(record: ExtractRecord, before: ExtractRecord | None = None) -> int:
+        """Rows the extract call that returned `record` computed: the store's rows after it, less those before.
+
+        The store is append-only and an extraction computes exactly the rows it lacks, so the rows it
+        gained are the rows computed; `before` is the record of the previous extraction into the same
+        store (None for a fresh store root).
+        """
+        if before is not None and before.store != record.store:
+            raise ValueError(f"{record.store} is not the store {before.store} the previous extraction wrote")
+        return record.rows - (before.rows if before is not None else 0)
 
     def unavailable(self, arch: str) -> str:
         """Why the shared store of `arch` cannot be made with real images here, or "" when it can."""
@@ -190,10 +202,10 @@ class Workspace:
         name = f"{arch}-{image_size}-{n_train}-{n_val}-{n_test}"
         if name not in self._stores:
             task = self.subset(n_train, n_val, n_test)
-            data_dir, data_record = self.save(task, name)
+            data_dir, task_meta = self.save(task, name)
             record = self.weights(arch, image_size)
             log(f"extracting {arch} @ {image_size} px features of {len(task.train)}/{len(task.val)}/{len(task.test)}")
-            extracted, seconds = self.extract(record, data_dir, data_record, self.root / "features" / name)
+            extracted, seconds = self.extract(record, data_dir, task_meta, self.root / "features" / name)
             self._stores[name] = Stored(task, record, extracted, seconds)
         return self._stores[name]
 
@@ -203,18 +215,24 @@ class Stored:
     """A target subset with its weights record and the extract record of its feature store."""
 
     task: TaskData
-    weights: dict[str, Any]
-    extract: dict[str, Any]
+    weights: SourceWeights
+    extract: ExtractRecord
     extract_seconds: float
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return provenance(self.weights["sha256"], self.weights["arch"], self.weights["cut"], self.preprocess)
+        """The provenance a reader of the cut opens the store with."""
+        return self.extract.provenance_for()
 
     @property
     def preprocess(self) -> Preprocess:
-        return weights_preprocess(self.weights)
+        return self.weights.preprocess
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one row of stored activations at the cut."""
+        return tuple(self.extract.tap_shapes[self.extract.cut])
 
     def features(self, split: str) -> np.ndarray:
-        """That split's features read from the store, as the train stage reads them."""
-        return stored_features(self.extract["store_path"], self.provenance, self.task.split(split).images)
+        """That split's features read from the store (at the cut), as the train stage reads them."""
+        return stored_features(self.extract, self.task.split(split).images)

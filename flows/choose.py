@@ -9,41 +9,23 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.layout import Layout
-from flows.stages import (
-    Runner,
-    needs_pretrain,
-    prefect_runner,
-    read_record,
-    run_advise,
-    run_data,
-    run_extract,
-    run_pretrain,
-    run_weights,
-)
+from flows.stages import prefect_runner, run_stage, upstream
 from headstart.caching import run_logger
 from headstart.config import HeadParams, Params, RunParams
+from headstart.records import AdviseRecord, ExtractRecord, SourceWeights, TaskMeta, TrainRecord
+from headstart.strategies import needs_features
 from tasks.advise import probe_table
-from tasks.train import needs_features, train
+from tasks.train import train
 
 INITS = ("kaiming", "xavier", "zeros", "ones")
-
-
-def upstream(params: Params, lay: Layout, runner: Runner, sources: list[str]) -> None:
-    """Data, source model, weights and the sources' feature stores, as the transfer flow makes them."""
-    run_data(params, lay, runner)
-    if needs_pretrain(params):
-        run_pretrain(params, lay, runner)
-    run_weights(params, lay, runner)
-    for name in sources:
-        run_extract(params, lay, runner, name)
 
 
 @flow(name="advise", validate_parameters=False)
 def advise_sources(params: Params, root: Path, sources: list[str]) -> dict[str, dict[str, Any]]:
     """The advise stage for each source, after bringing its inputs up to date (cached like `headstart run`)."""
     lay = Layout(Path(root))
-    upstream(params, lay, prefect_runner, sources)
-    advice = {name: run_advise(params, lay, prefect_runner, name) for name in sources}
+    upstream(params, lay, prefect_runner, sources, sources)
+    advice = {name: AdviseRecord.read(lay.advice_record(name)).model_dump(mode="json") for name in sources}
     for name, record in advice.items():
         create_markdown_artifact(
             f"```\n{advice_text(record)}\n```", key=f"advise-{name}", description="headstart advice"
@@ -94,29 +76,23 @@ def compare_init(
     log = run_logger()
     run = RunParams(source=source, strategy=strategy)
     upstream(params, lay, prefect_runner, [source] if needs_features(strategy) else [])
-    extract_record = read_record(lay.extract_record(source)) if needs_features(strategy) else None
+    extract_record = ExtractRecord.read(lay.extract_record(source)) if needs_features(strategy) else None
     rows = []
     for init in inits:
         head = HeadParams(hidden=hidden, dropout=params.train.head.dropout, init=init)
         run_name = f"init-{strategy}-{init}"
         try:
-            record = prefect_runner(
-                train,
-                run_name=run_name,
-                run=run,
-                source=params.sources[source],
-                params=params.train.model_copy(update={"head": head}),
-                weights_record=read_record(lay.weights / f"{source}.json"),
-                extract_record=extract_record,
-                data_record=read_record(lay.data / "target.json"),
-                data_dir=lay.data,
-                out_dir=lay.compare_init(run_name),
-            )
+            record = run_stage(
+                prefect_runner, train, lay.compare_init(run_name) / "record.json", TrainRecord, run_name=run_name,
+                run=run, source=params.sources[source], params=params.train.model_copy(update={"head": head}),
+                weights=SourceWeights.read(lay.source_weights(source)), extract_record=extract_record,
+                task_meta=TaskMeta.read(lay.task_meta("target")), data_dir=lay.data, out_dir=lay.compare_init(run_name),
+            )  # fmt: skip
         except (FloatingPointError, RuntimeError) as err:
             log.warning("%s: %s", run_name, err)
             rows.append({"init": init, "error": str(err)})
             continue
-        rows.append({"init": init, **record})
+        rows.append({"init": init, **record.model_dump(mode="json")})
     return rows
 
 

@@ -54,7 +54,8 @@ def run(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     from flows.pipeline import transfer
     from flows.summary import summary_markdown
 
-    result = transfer(params=params, root=ROOT)
+    as_in_params_yaml = not set_ and params_file.resolve() == (ROOT / "params.yaml").resolve()
+    result = transfer(params=params, root=ROOT, commit=as_in_params_yaml)
     typer.echo("")
     typer.echo(summary_markdown(result))
 
@@ -71,7 +72,7 @@ def sweep(
     params = _load(params_file, set_)
     from flows.sweep import fraction_sweep
 
-    result = fraction_sweep(params=params, root=ROOT, upstream=upstream)
+    result = fraction_sweep(params=params, root=ROOT, with_upstream=upstream)
     typer.echo("")
     typer.echo(result["markdown"])
     typer.echo("")
@@ -82,7 +83,7 @@ def sweep(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="data, pretrain, weights, extract, advise, train or evaluate.")],
+    name: Annotated[str, typer.Argument(help="raw, data, pretrain, weights, extract, advise, train or evaluate.")],
     item: Annotated[str | None, typer.Argument(help="The source (extract) or run (train, evaluate).")] = None,
     params_file: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -93,7 +94,8 @@ def stage(
     from flows.layout import Layout
 
     lay = Layout(ROOT)
-    plain = {"data": stages.run_data, "pretrain": stages.run_pretrain, "weights": stages.run_weights}
+    plain = {"raw": stages.run_raw, "data": stages.run_data, "pretrain": stages.run_pretrain}
+    plain["weights"] = stages.run_weights
     per_item = {"extract": stages.run_extract, "train": stages.run_train, "evaluate": stages.run_evaluate}
     per_item["advise"] = stages.run_advise
     if name in plain:
@@ -104,6 +106,29 @@ def stage(
         per_item[name](params, lay, stages.plain_runner, item)
     else:
         raise typer.BadParameter(f"unknown stage {name!r}; expected one of {sorted({**plain, **per_item})}")
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: Annotated[bool, typer.Option(help="Only report whether dvc.yaml and sweep/dvc.yaml are current.")] = False,
+) -> None:
+    """Write dvc.yaml and sweep/dvc.yaml from the stages' code (deps = each task's import closure)."""
+    from flows import dvcyaml
+
+    if check:
+        stale = [
+            p
+            for p, c in (
+                (ROOT / "dvc.yaml", dvcyaml.pipeline()),
+                (ROOT / "sweep" / "dvc.yaml", dvcyaml.sweep_pipeline()),
+            )
+            if not p.is_file() or p.read_text() != dvcyaml.render(c)
+        ]
+        for path in stale:
+            typer.echo(f"{path}: differs from the code; run `headstart dvc-yaml`", err=True)
+        raise typer.Exit(1 if stale else 0)
+    for path in dvcyaml.write(ROOT):
+        typer.echo(f"wrote {path}")
 
 
 @app.command()

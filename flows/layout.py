@@ -15,6 +15,19 @@ class Layout:
         return self.root / "data" / "prepared"
 
     @property
+    def raw_record(self) -> Path:
+        """The raw stage's record: what the raw data files are now."""
+        return self.root / "data" / "raw.json"
+
+    @property
+    def data_record(self) -> Path:
+        return self.data / "record.json"
+
+    def task_meta(self, task: str) -> Path:
+        """One task's metadata (`source` or `target`), beside its `.npz`: what later stages depend on."""
+        return self.data / f"{task}.json"
+
+    @property
     def downloads(self) -> Path:
         return self.root / ".cache" / "fashion-mnist"
 
@@ -25,6 +38,14 @@ class Layout:
     @property
     def weights(self) -> Path:
         return self.root / "weights"
+
+    @property
+    def weights_record(self) -> Path:
+        return self.weights / "record.json"
+
+    def source_weights(self, source: str) -> Path:
+        """One source's verified weights (what extract@<source> depends on)."""
+        return self.weights / f"{source}.json"
 
     @property
     def weights_cache(self) -> Path:
@@ -39,6 +60,12 @@ class Layout:
     def run_model(self, run: str) -> Path:
         return self.root / "models" / "runs" / run
 
+    def train_record(self, run: str) -> Path:
+        return self.run_model(run) / "record.json"
+
+    def evaluate_record(self, run: str) -> Path:
+        return self.reports / run / "record.json"
+
     @property
     def reports(self) -> Path:
         return self.root / "reports"
@@ -46,6 +73,10 @@ class Layout:
     def advice(self, source: str) -> Path:
         """The advise stage's `advice.json` and `probe.png` for one source."""
         return self.root / "reports" / "advise" / source
+
+    def advice_record(self, source: str) -> Path:
+        """The advise stage's record, also its `dvc metrics` file."""
+        return self.advice(source) / "advice.json"
 
     def compare_init(self, run: str) -> Path:
         """A `headstart compare-init` run's model and history (not a pipeline output)."""

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from headstart.backbones import Preprocess, StagedNet
+from headstart.backbones import StagedNet
 from headstart.checkpoints import ModelSpec, load_model
 from headstart.config import WeightsParams
-from headstart.serving import decode_image, predict_images
+from headstart.fmnist import read_idx
+from headstart.images import SUFFIXES, Decode, decode_image
+from headstart.serving import predict_images
 from headstart.sources import fetch
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def load_for_prediction(uri: str, cache_dir: Path) -> tuple[StagedNet, ModelSpec, str]:
@@ -33,17 +33,15 @@ def load_for_prediction(uri: str, cache_dir: Path) -> tuple[StagedNet, ModelSpec
 def image_files(folder: Path) -> list[Path]:
     """Every PNG/JPEG under `folder` (sub-folders too), sorted; hidden files skipped."""
     found = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".")
     )
     if not found:
         raise FileNotFoundError(f"{folder}: no PNG/JPEG files in this folder")
     return found
 
 
-def read_inputs(paths: Sequence[Path], pre: Preprocess) -> tuple[list[str], list[np.ndarray]]:
-    """Names and uint8 images: PNG/JPEG files (converted as `decode_image` says), folders of them, IDX image files."""
+def read_inputs(paths: Sequence[Path], decode: Decode) -> tuple[list[str], list[np.ndarray]]:
+    """Names and uint8 images: PNG/JPEG files (decoded as the model's training data was), folders, IDX files."""
     names: list[str] = []
     images: list[np.ndarray] = []
     for path in paths:
@@ -54,12 +52,10 @@ def read_inputs(paths: Sequence[Path], pre: Preprocess) -> tuple[list[str], list
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
         for file in files:
-            if file.suffix.lower() in IMAGE_SUFFIXES:
+            if file.suffix.lower() in SUFFIXES:
                 names.append(str(file))
-                images.append(decode_image(file.read_bytes(), pre, str(file)))
+                images.append(decode_image(file.read_bytes(), decode, str(file)))
             else:
-                from tasks.data import read_idx  # IDX parsing and its checks live with the data stage
-
                 batch = read_idx(file, ndim=3)
                 names += [f"{file}[{i}]" for i in range(len(batch))]
                 images += list(batch)
@@ -69,7 +65,7 @@ def read_inputs(paths: Sequence[Path], pre: Preprocess) -> tuple[list[str], list
 def predict_files(uri: str, paths: Sequence[Path], cache_dir: Path) -> tuple[list[dict[str, Any]], str]:
     """One row per image (image, class, probability) and the model's weights sha256."""
     net, spec, sha256 = load_for_prediction(uri, cache_dir)
-    names, images = read_inputs(paths, spec.preprocess)
+    names, images = read_inputs(paths, spec.decoding())
     probs = predict_images(net, spec, images)
     best = probs.argmax(axis=1)
     rows = [

@@ -1,63 +1,94 @@
-"""Each pipeline stage as one call: read upstream records, run the task, write this stage's record.
+"""Each pipeline stage as one call, and the pipeline's order written once.
 
-The Prefect flow and the DVC stages run exactly these functions; only the runner differs
-(a cached Prefect task call, or the plain function under DVC, which does its own caching).
-Records on disk are the stages' file contract, declared as outs/deps in dvc.yaml.
+The Prefect flow and the DVC stages run exactly these functions; only the runner differs (a
+cached Prefect task call, or the plain function under DVC). Both runners first compute the
+stage's content key (headstart.caching.stage_key) and reuse the stage's record on disk when it
+carries that key and its files are intact, so a stage one orchestrator ran is not run again by
+the other. Records are the stages' file contract, declared as outs/deps in dvc.yaml.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flows.layout import Layout
-from headstart.caching import outputs_intact, run_logger
-from headstart.checkpoints import atomic_path
+from headstart.caching import bound_arguments, run_logger, stage_key
 from headstart.config import Params
-from headstart.tracking import run_url
+from headstart.records import (
+    AdviseRecord,
+    DataRecord,
+    EvaluateRecord,
+    ExtractRecord,
+    Output,
+    PretrainRecord,
+    RawRecord,
+    Record,
+    SourceWeights,
+    StageRecord,
+    TaskMeta,
+    TrainRecord,
+    WeightsRecord,
+)
 from tasks.advise import advise
 from tasks.data import data
 from tasks.evaluate import evaluate
 from tasks.extract import extract
 from tasks.pretrain import pretrain
-from tasks.train import needs_features, train
+from tasks.raw import raw
+from tasks.train import train
 from tasks.weights import weights
 
-Runner = Callable[..., dict[str, Any]]
+Runner = Callable[..., Any]
+R = TypeVar("R", bound=StageRecord)
 
 
-def prefect_runner(task: Any, **kwargs: Any) -> dict[str, Any]:
+def _intact(result: Any) -> bool:
+    if isinstance(result, StageRecord):
+        return result.intact()
+    if isinstance(result, dict):  # sweep cells: plain dicts with the same `outputs` entries
+        return all(Output.model_validate(o).intact() for o in result.get("outputs", []))
+    return False
+
+
+def prefect_runner(task: Any, **kwargs: Any) -> Any:
     """Run a cached task; a hit whose files are gone or changed is recomputed, never trusted."""
-    record = task(**kwargs)
-    if outputs_intact(record):
-        return record
+    result = task(**kwargs)
+    if _intact(result):
+        return result
     run_logger().warning("%s: the cached result's files are missing or changed; recomputing", task.name)
     return task.with_options(refresh_cache=True)(**kwargs)
 
 
-def plain_runner(task: Any, **kwargs: Any) -> dict[str, Any]:
+def plain_runner(task: Any, **kwargs: Any) -> Any:
     """Run the task body without Prefect (DVC decides what reruns)."""
     return task.fn(**kwargs)
 
 
-def read_record(path: Path) -> dict[str, Any]:
+def current(path: Path, kind: type[R], key: str) -> R | None:
+    """The record at `path` when it was made from inputs with this key and its files are unchanged."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first (dvc repro)") from None
+        record = kind.read(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if record.key == key and record.intact() else None
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Write atomically, and not at all when unchanged: a warm run leaves every file untouched."""
-    text = json.dumps(record, indent=2, sort_keys=True)
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = atomic_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def run_stage(runner: Runner, task: Any, path: Path, kind: type[R], **kwargs: Any) -> R:
+    """One stage: reuse its record on disk if current, else run it (through `runner`) and write the record."""
+    key = stage_key(task.name, bound_arguments(task.fn, kwargs))
+    found = current(path, kind, key)
+    if found is not None:
+        run_logger().info("%s: up to date (%s)", task.name, path.name)
+        return found
+    result = runner(task, **kwargs)
+    record = kind.model_validate(result.model_dump() if isinstance(result, Record) else result)
+    record = record.model_copy(update={"key": key})
+    record.write(path)
+    return record
 
 
 def needs_pretrain(params: Params) -> bool:
@@ -66,114 +97,134 @@ def needs_pretrain(params: Params) -> bool:
     return any(any(s.weights.startswith(o) for o in own) for s in params.sources.values())
 
 
-def run_data(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
-    return runner(data, params=params.data, out_dir=lay.data, download_dir=lay.downloads)
-
-
-def run_pretrain(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
-    record = runner(
-        pretrain,
-        params=params.pretrain,
-        data_record=read_record(lay.data / "source.json"),
-        data_dir=lay.data,
-        out_dir=lay.source_model,
-    )
-    write_record(lay.source_model / "record.json", record)
+def run_raw(params: Params, lay: Layout, runner: Runner) -> RawRecord:
+    """Always computed (it is what the raw files are now); written only when it changed."""
+    record = RawRecord.model_validate(runner(raw, params=params.data).model_dump())
+    record.write(lay.raw_record)
     return record
 
 
-def run_weights(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
-    return runner(
-        weights, sources=params.sources, params=params.weights, out_dir=lay.weights, cache_dir=lay.weights_cache
-    )
+def run_data(params: Params, lay: Layout, runner: Runner) -> DataRecord:
+    raw_record = RawRecord.read(lay.raw_record)
+    return run_stage(
+        runner, data, lay.data_record, DataRecord, params=params.data, raw=raw_record, out_dir=lay.data,
+        download_dir=lay.downloads,
+    )  # fmt: skip
 
 
-def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> dict[str, Any]:
-    record = runner(
-        extract,
-        source_name=source,
-        weights_record=read_record(lay.weights / f"{source}.json"),
-        data_record=read_record(lay.data / "target.json"),
-        params=params.extract,
-        data_dir=lay.data,
-        store_root=lay.store_root(source),
-        taps=params.sources[source].taps,
-    )
-    write_record(lay.extract_record(source), record)
-    return record
+def run_pretrain(params: Params, lay: Layout, runner: Runner) -> PretrainRecord:
+    return run_stage(
+        runner, pretrain, lay.source_model / "record.json", PretrainRecord, params=params.pretrain,
+        task_meta=TaskMeta.read(lay.task_meta("source")), data_dir=lay.data, out_dir=lay.source_model,
+    )  # fmt: skip
 
 
-def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> dict[str, Any]:
-    run = params.train.runs[run_name]
-    extract_record = read_record(lay.extract_record(run.source)) if needs_features(run.strategy) else None
-    advice_record = read_record(lay.advice(run.source) / "advice.json") if run.strategy == "auto" else None
-    out_dir = lay.run_model(run_name)
-    record = runner(
-        train,
-        run_name=run_name,
-        run=run,
-        source=params.sources[run.source],
-        params=params.train,
-        weights_record=read_record(lay.weights / f"{run.source}.json"),
-        extract_record=extract_record,
-        data_record=read_record(lay.data / "target.json"),
-        data_dir=lay.data,
-        out_dir=out_dir,
-        advice_record=advice_record,
-    )
-    write_record(out_dir / "record.json", record)
-    return record
+def run_weights(params: Params, lay: Layout, runner: Runner) -> WeightsRecord:
+    return run_stage(
+        runner, weights, lay.weights_record, WeightsRecord, sources=params.sources, params=params.weights,
+        out_dir=lay.weights, cache_dir=lay.weights_cache,
+    )  # fmt: skip
 
 
-def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> dict[str, Any]:
-    run = params.train.runs[run_name]
-    extract_record = read_record(lay.extract_record(run.source)) if run.strategy == "frozen" else None
-    return runner(
-        evaluate,
-        run_name=run_name,
-        train_record=read_record(lay.run_model(run_name) / "record.json"),
-        extract_record=extract_record,
-        data_record=read_record(lay.data / "target.json"),
-        params=params.evaluate,
-        data_dir=lay.data,
-        reports_dir=lay.reports,
-    )
+def _weights(lay: Layout, source: str) -> SourceWeights:
+    return SourceWeights.read(lay.source_weights(source))
 
 
-def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> dict[str, Any]:
+def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> ExtractRecord:
+    return run_stage(
+        runner, extract, lay.extract_record(source), ExtractRecord, weights=_weights(lay, source),
+        task_meta=TaskMeta.read(lay.task_meta("target")), params=params.extract, data_dir=lay.data,
+        store_root=lay.store_root(source), taps=params.sources[source].taps,
+    )  # fmt: skip
+
+
+def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> AdviseRecord:
     """Probe the source's stored cuts on the target and recommend a strategy (reports/advise/<source>/)."""
-    return runner(
-        advise,
-        source_name=source,
-        weights_record=read_record(lay.weights / f"{source}.json"),
-        extract_record=read_record(lay.extract_record(source)),
-        data_record=read_record(lay.data / "target.json"),
-        params=params.advise,
-        data_dir=lay.data,
-        out_dir=lay.advice(source),
-    )
+    return run_stage(
+        runner, advise, lay.advice_record(source), AdviseRecord, weights=_weights(lay, source),
+        extract_record=ExtractRecord.read(lay.extract_record(source)), task_meta=TaskMeta.read(lay.task_meta("target")),
+        params=params.advise, data_dir=lay.data, out_dir=lay.advice(source),
+    )  # fmt: skip
 
 
-def frozen_sources(params: Params) -> list[str]:
-    """Sources whose features must be stored: those used by a run that trains on them (frozen, partial, auto)."""
-    return sorted({r.source for r in params.train.runs.values() if needs_features(r.strategy)})
+def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> TrainRecord:
+    run = params.train.runs[run_name]
+    return run_stage(
+        runner, train, lay.train_record(run_name), TrainRecord, run_name=run_name, run=run,
+        source=params.sources[run.source], params=params.train, weights=_weights(lay, run.source),
+        extract_record=ExtractRecord.read(lay.extract_record(run.source)),
+        task_meta=TaskMeta.read(lay.task_meta("target")), data_dir=lay.data, out_dir=lay.run_model(run_name),
+        advice_record=AdviseRecord.read(lay.advice_record(run.source)),
+    )  # fmt: skip
 
 
-def run_all(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
-    """The whole pipeline in dependency order; returns what the summary shows (data, sources, runs, MLflow links)."""
-    data_record = run_data(params, lay, runner)
-    source = run_pretrain(params, lay, runner) if needs_pretrain(params) else None
-    weights_record = run_weights(params, lay, runner)
-    for name in frozen_sources(params):
+def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> EvaluateRecord:
+    run = params.train.runs[run_name]
+    return run_stage(
+        runner, evaluate, lay.evaluate_record(run_name), EvaluateRecord, run_name=run_name,
+        train_record=TrainRecord.read(lay.train_record(run_name)),
+        extract_record=ExtractRecord.read(lay.extract_record(run.source)),
+        task_meta=TaskMeta.read(lay.task_meta("target")), params=params.evaluate, data_dir=lay.data,
+        reports_dir=lay.reports,
+    )  # fmt: skip
+
+
+def upstream(
+    params: Params, lay: Layout, runner: Runner, sources: Sequence[str], advised: Sequence[str] = ()
+) -> list[str]:
+    """The pipeline up to the feature stores, in its one order: raw, data, pretrain, weights, extract, advise.
+
+    Every flow (the pipeline, the advisor, compare-init, the sweep) brings its inputs up to date
+    through this function. Returns the DVC stage names it ran or found current.
+    """
+    run_raw(params, lay, runner)
+    run_data(params, lay, runner)
+    ran = ["raw", "data"]
+    if needs_pretrain(params):
+        run_pretrain(params, lay, runner)
+        ran.append("pretrain")
+    run_weights(params, lay, runner)
+    ran.append("weights")
+    for name in sources:
         run_extract(params, lay, runner, name)
-    for name in sorted({r.source for r in params.train.runs.values() if r.strategy == "auto"}):
+        ran.append(f"extract@{name}")
+    for name in advised:
         run_advise(params, lay, runner, name)
+        ran.append(f"advise@{name}")
+    return ran
+
+
+def run_all(params: Params, lay: Layout, runner: Runner) -> tuple[dict[str, Any], list[str]]:
+    """The whole pipeline, the same stages as dvc.yaml; returns what the summary shows and the stages run."""
+    sources = sorted(params.sources)
+    ran = upstream(params, lay, runner, sources, sources)
     runs = {}
     for run_name in params.train.runs:
         trained = run_train(params, lay, runner, run_name)
-        runs[run_name] = {**trained, **run_evaluate(params, lay, runner, run_name)}
-        runs[run_name]["mlflow_url"] = run_url(trained["mlflow_run_id"])
-    if source is not None:
-        source = {**source, "mlflow_url": run_url(source["mlflow_run_id"])}
-    data = {name: data_record[name] for name in ("source", "target", "origin")}
-    return {"data": data, "sources": weights_record["sources"], "source": source, "runs": runs}
+        runs[run_name] = (trained, run_evaluate(params, lay, runner, run_name))
+        ran += [f"train@{run_name}", f"evaluate@{run_name}"]
+    source = PretrainRecord.read(lay.source_model / "record.json") if needs_pretrain(params) else None
+    result = {
+        "data": DataRecord.read(lay.data_record),
+        "sources": WeightsRecord.read(lay.weights_record).sources,
+        "source": source,
+        "runs": runs,
+    }
+    return result, ran
+
+
+def dvc_commit(lay: Layout, stages: Sequence[str]) -> bool:
+    """Record what a Prefect run made in dvc.lock (`dvc commit`), so a following `dvc repro` has nothing to do.
+
+    Only in a DVC project whose params.yaml the run used unchanged (the caller checks that): the
+    outputs are then exactly what `dvc repro` would have made, byte for byte.
+    """
+    if not (lay.root / ".dvc").is_dir() or not (lay.root / "dvc.yaml").is_file():
+        return False
+    dvc = Path(sys.executable).with_name("dvc")
+    cmd = [str(dvc) if dvc.exists() else "dvc", "commit", "--force", "--quiet", *stages]
+    proc = subprocess.run(cmd, cwd=lay.root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        run_logger().warning("dvc commit failed (dvc repro will recompute): %s", proc.stderr.strip()[-2000:])
+        return False
+    return True

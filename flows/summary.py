@@ -4,6 +4,46 @@ from __future__ import annotations
 
 from typing import Any
 
+from headstart import tracking
+from headstart.config import Params
+
+
+def _lineage(sha256: str, register_as: str) -> dict[str, Any]:
+    """The MLflow run that trained a model file and its registry version, found by the file's sha256."""
+    run_id = tracking.run_of_model(sha256)
+    version = tracking.registered_version(register_as, sha256)
+    return {
+        "mlflow_run_id": run_id,
+        "mlflow_url": tracking.run_url(run_id) if run_id else None,
+        "registered_version": version.version if version is not None else None,
+    }
+
+
+def summary_rows(records: dict[str, Any], params: Params) -> dict[str, Any]:
+    """The pipeline's records as the summary's rows, with their MLflow runs and registry versions looked up."""
+    source = records["source"]
+    if source is not None:
+        source = {**source.model_dump(mode="json"), **_lineage(source.sha256, params.pretrain.register_as)}
+    runs = {
+        name: {
+            **trained.model_dump(mode="json"),
+            **evaluated.model_dump(mode="json"),
+            **_lineage(trained.sha256, params.evaluate.register_as),
+        }
+        for name, (trained, evaluated) in records["runs"].items()
+    }
+    data = records["data"]
+    return {
+        "data": {
+            "source": data.source.model_dump(mode="json"),
+            "target": data.target.model_dump(mode="json"),
+            "origin": data.origin,
+        },
+        "sources": {name: s.model_dump(mode="json") for name, s in records["sources"].items()},
+        "source": source,
+        "runs": runs,
+    }
+
 
 def _link(text: str, url: str | None) -> str:
     return f"[{text}]({url})" if url else text
@@ -36,7 +76,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"Source model on the source test set: accuracy {source['test_accuracy']:.2%} "
             f"(registered {_version(source)}; "
-            f"MLflow run {_link(source['mlflow_run_id'][:12], source.get('mlflow_url'))})"
+            f"MLflow run {_link((source['mlflow_run_id'] or '-')[:12], source.get('mlflow_url'))})"
         )
         lines.append("")
     lines.append("| run | source | strategy | target test accuracy | macro-F1 | registered | MLflow run |")

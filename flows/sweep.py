@@ -14,23 +14,15 @@ from prefect.artifacts import create_markdown_artifact
 from tqdm.auto import tqdm
 
 from flows.layout import Layout
-from flows.stages import (
-    Runner,
-    needs_pretrain,
-    prefect_runner,
-    read_record,
-    run_advise,
-    run_data,
-    run_extract,
-    run_pretrain,
-    run_weights,
-)
+from flows.stages import Runner, prefect_runner, upstream
 from headstart import tracking
-from headstart.caching import content_key, run_logger
+from headstart.caching import run_logger, stage_key
 from headstart.config import BEST_CUT, Params, SweepParams
+from headstart.records import AdviseRecord, ExtractRecord, SourceWeights, TaskMeta
+from headstart.strategies import STORED
 from tasks.sweep import sweep, sweep_cut
 from tasks.sweep_report import sweep_report
-from tasks.train import STORED, optim_of
+from tasks.train import optim_of
 
 
 def cells(params: SweepParams) -> list[tuple[int, float, str]]:
@@ -38,45 +30,38 @@ def cells(params: SweepParams) -> list[tuple[int, float, str]]:
     return [(s, f, k) for s in params.seeds for f in sorted(params.fractions) for k in params.strategies]
 
 
-def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True) -> dict[str, Any]:
-    """Bring the inputs up to date (unless DVC did, `upstream=False`), run every cell, write the report."""
+def run_sweep(params: Params, lay: Layout, runner: Runner, with_upstream: bool = True) -> dict[str, Any]:
+    """Bring the inputs up to date (unless DVC did, `with_upstream=False`), run every cell, write the report."""
     log = run_logger()
     sw, train = params.sweep, params.train
     on_features = any(s in STORED for s in sw.strategies)
     best = on_features and sw.cut == BEST_CUT
-    if upstream:
-        run_data(params, lay, runner)
-        if needs_pretrain(params):
-            run_pretrain(params, lay, runner)
-        run_weights(params, lay, runner)
-        if on_features:
-            run_extract(params, lay, runner, sw.source)
-        if best:
-            run_advise(params, lay, runner, sw.source)
+    if with_upstream:
+        upstream(params, lay, runner, [sw.source] if on_features else [], [sw.source] if best else [])
     if params.data.train_fraction < 1.0:
         log.warning(
             "data.train_fraction is %s: the sweep's fractions are of that subset, not of the whole training split",
             params.data.train_fraction,
         )
-    weights_record = read_record(lay.weights / f"{sw.source}.json")
-    data_record = read_record(lay.data / "target.json")
-    extract_record = read_record(lay.extract_record(sw.source)) if on_features else None
+    weights = SourceWeights.read(lay.source_weights(sw.source))
+    task_meta = TaskMeta.read(lay.task_meta("target"))
+    extract_record = ExtractRecord.read(lay.extract_record(sw.source)) if on_features else None
     cut = None
     if on_features:
-        cut = sweep_cut(sw.cut, read_record(lay.advice(sw.source) / "advice.json") if best else None)
+        cut = sweep_cut(sw.cut, AdviseRecord.read(lay.advice_record(sw.source)) if best else None)
         how = "the advise stage's best-probed cut" if best else "sweep.cut"
         log.info("frozen and partial cells train at %s of %s (%s)", cut, sw.source, how)
     identity = {
-        "weights_sha256": weights_record["sha256"],
+        "weights_sha256": weights.sha256,
         "cut": cut,
-        "data_fingerprint": data_record["fingerprint"],
+        "data_fingerprint": task_meta.fingerprint,
         "train": train.model_dump(mode="json", include={"head", "frozen", "partial", "end_to_end", "device"}),
     }
     grid = {"fractions": str(sorted(sw.fractions)), "strategies": str(sw.strategies), "seeds": str(sw.seeds)}
     records = []
     with tracking.keyed_run(
         f"sweep-{sw.source}",
-        content_key("sweep-parent", identity),
+        stage_key("sweep-parent", identity, module="tasks/sweep.py"),
         {"source": sw.source, **identity},
         {"stage": "sweep", "source": sw.source, **grid},
     ) as parent:
@@ -91,9 +76,9 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True
                     head=train.head,
                     optim=optim_of(strategy, train),
                     device=train.device,
-                    weights_record=weights_record,
+                    weights=weights,
                     extract_record=extract_record if strategy in STORED else None,
-                    data_record=data_record,
+                    task_meta=task_meta,
                     data_dir=lay.data,
                     out_dir=lay.sweep_cells,
                 )
@@ -103,9 +88,9 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, upstream: bool = True
 
 
 @flow(name="sweep", validate_parameters=False)
-def fraction_sweep(params: Params, root: Path, upstream: bool = True) -> dict[str, Any]:
+def fraction_sweep(params: Params, root: Path, with_upstream: bool = True) -> dict[str, Any]:
     """The notes' Fashion-MNIST experiment; a rerun computes only the cells not yet finished (content-keyed cache)."""
-    result = run_sweep(params, Layout(root), prefect_runner, upstream)
+    result = run_sweep(params, Layout(root), prefect_runner, with_upstream)
     create_markdown_artifact(
         "\n\n".join([result["markdown"], *result["crossover_lines"]]),
         key="sweep-table",

@@ -1,59 +1,71 @@
-"""Prefect caching keyed on content, and the check that a cached result's files still exist.
+"""Cache keys from content, the same for both orchestrators, and Prefect's options for a cached task.
 
 Prefect's default policy includes the run id (never reused across runs) and hashes a Path as
-its string. Here a key is the task name, the library's code version and the call's arguments
-as canonical JSON: typed params and upstream records, which carry content fingerprints.
-Results are small JSON records; the large data they point at lives in files whose sha256 the
-record lists, so a deleted or altered output turns a cache hit into a recompute.
+its string. Here a stage's key is its name, its code version (the project files its task module
+imports, transitively: headstart.codeversion) and the call's arguments as canonical JSON: typed
+params and upstream records, which carry content fingerprints, with project paths made relative
+(a moved or copied project keeps every key). A task may add what its arguments only name (the
+bytes behind a weights URI). The runner in flows/stages.py computes the same key to reuse a
+stage's record on disk whichever orchestrator wrote it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from headstart.codeversion import code_version
 from headstart.env import project_root
-from headstart.fingerprint import canonical_json, code_version, combine, sha256_bytes, sha256_file
+from headstart.fingerprint import canonical_json, combine, sha256_bytes
 
-
-@lru_cache(maxsize=1)
-def _code_version() -> str:
-    return code_version()
+ContentFn = Callable[[dict[str, Any]], Any]
+_CONTENT: dict[str, ContentFn] = {}
+"""Task name -> what its arguments only name (registered by `cached`)."""
 
 
 def _relative(value: Any) -> Any:
-    """Paths inside the project become relative, so moving the project keeps every key."""
+    """Paths inside the project become relative, so moving the project keeps every key; callables are not inputs."""
     if isinstance(value, Path):
         try:
             return str(value.resolve().relative_to(project_root()))
         except ValueError:
             return str(value)
     if isinstance(value, dict):
-        return {k: _relative(v) for k, v in value.items()}
+        return {k: _relative(v) for k, v in value.items() if not callable(v)}
     if isinstance(value, list | tuple):
         return [_relative(v) for v in value]
     return value
 
 
-def content_key(task_name: str, parameters: dict[str, Any]) -> str:
-    """The cache key of one call: task name + code version + arguments (content, not identity)."""
-    return combine(task_name, _code_version(), sha256_bytes(canonical_json(_relative(parameters)).encode()))
+def stage_key(task_name: str, parameters: dict[str, Any], module: str | None = None) -> str:
+    """The key of one call: task name + the code version of `module` (default tasks/<name>.py) + inputs."""
+    content = _CONTENT.get(task_name)
+    extra = {"current_content": content(parameters)} if content is not None else {}
+    inputs = canonical_json(_relative({**parameters, **extra}))
+    return combine(task_name, code_version(module or f"tasks/{task_name}.py"), sha256_bytes(inputs.encode()))
 
 
-def cached(task_name: str, content: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
-    """Options for `@task(**cached("extract"))`: content key, JSON results persisted in the project.
+def bound_arguments(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments a call binds, defaults included: what Prefect hands a cache key function."""
+    bound = inspect.signature(fn).bind(**kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
-    `content(parameters)` adds what the arguments only name: the current bytes behind a path
-    (a data folder, a weights file rewritten by another stage) or a registry alias. Without it
-    such an input could change while the key stays the same.
+
+def cached(task_name: str, content: ContentFn | None = None) -> dict[str, Any]:
+    """Options for `@task(**cached("extract"))`: the content key, JSON results persisted in the project.
+
+    `content(parameters)` adds what the arguments only name (a weights file rewritten by another
+    stage, a registry alias): without it such an input could change while the key stays the same.
     """
+    if content is not None:
+        _CONTENT[task_name] = content
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        extra = {"current_content": content(parameters)} if content is not None else {}
-        return content_key(task_name, {**parameters, **extra})
+        return stage_key(task_name, parameters)
 
     return {
         "name": task_name,
@@ -66,24 +78,6 @@ def cached(task_name: str, content: Callable[[dict[str, Any]], Any] | None = Non
 
 def results_dir() -> Path:
     return project_root() / ".prefect" / "results"
-
-
-def output(path: Path) -> dict[str, str]:
-    """One entry of a record's `outputs`: the file (project-relative) and the sha256 it must still have."""
-    return {"path": _relative(Path(path)), "sha256": sha256_file(path)}
-
-
-def outputs_intact(record: Any) -> bool:
-    """True when every file a record lists exists with the sha256 it was written with."""
-    if not isinstance(record, dict):
-        return False
-    for entry in record.get("outputs", []):
-        path = Path(entry["path"])
-        if not path.is_absolute():
-            path = project_root() / path
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            return False
-    return True
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

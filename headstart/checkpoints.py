@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,10 +18,14 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from headstart.backbones import Preprocess, StagedNet, create_model, feature_shape
 from headstart.config import HeadParams
+from headstart.files import atomic_path
 from headstart.fingerprint import sha256_file
 from headstart.heads import make_head
+from headstart.images import Decode
 
 SPEC_KEY = "headstart.spec"
+WEIGHTS_SHA_TAG = "weights_sha256"
+"""The registry tag holding a model version's full weights sha256 (what a registry fetch verifies against)."""
 
 
 class ChecksumError(ValueError):
@@ -47,6 +48,12 @@ class ModelSpec(BaseModel):
     """None: the architecture's own classifier (a source model). Else: stages up to `cut`, then `head`."""
     head: HeadParams | None = None
     dropout: float = 0.0
+    decode: Decode | None = None
+    """How an image file becomes the pixels this model was trained on (the training data's own decoding)."""
+
+    def decoding(self) -> Decode:
+        """`decode`, or for a model saved without it: grey or RGB by its channels, the file's size kept."""
+        return self.decode or Decode(mode="L" if self.preprocess.channels == 1 else "RGB")
 
 
 def build_model(spec: ModelSpec) -> StagedNet:
@@ -65,25 +72,6 @@ def verify_sha256(path: Path | str, expected: str) -> str:
     if actual != expected.lower():
         raise ChecksumError(f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual}")
     return actual
-
-
-def atomic_path(final: Path) -> Path:
-    """A temporary path beside `final`, renamed over it only when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextmanager
-def atomic_write(final: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; it replaces `final` only when the block completes."""
-    tmp = atomic_path(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> str:

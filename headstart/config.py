@@ -147,7 +147,7 @@ class HeadParams(_Section):
 
 
 class RunParams(_Section):
-    """One transfer experiment: which source, which strategy (README "Choosing a strategy")."""
+    """One transfer experiment: which source, which strategy (docs/choosing-a-strategy.md)."""
 
     source: str
     strategy: Strategy
@@ -200,7 +200,7 @@ class AdviseParams(_Section):
     small_per_class: Annotated[int, Field(ge=1)] = 1000
     """Fewer training images per class than this is a small target."""
     similar_gain: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    """The source is similar when its best probe removes at least this share of the raw-pixel probe's errors."""
+    """The source is similar when its best probe removes at least this share of the untrained network's probe errors."""
     seed: int = 0
     device: Device = "auto"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.checkpoints import atomic_path
+from headstart.files import atomic_path
 from headstart.fingerprint import combine, sha256_array
+from headstart.images import Decode
 
 SPLITS = ("train", "val", "test")
 
@@ -55,8 +56,11 @@ class TaskData:
         return combine(*parts)
 
 
-def save_task(task: TaskData, directory: Path) -> dict:
-    """Write `<directory>/<name>.npz` and `.json` atomically; return the task's record."""
+def save_task(task: TaskData, directory: Path, decode: Decode) -> dict:
+    """Write `<directory>/<name>.npz` and `.json` atomically; return the `.json` content (a TaskMeta).
+
+    `decode` is how an image file becomes one of these images: a model trained on them keeps it.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for s in SPLITS:
@@ -74,10 +78,11 @@ def save_task(task: TaskData, directory: Path) -> dict:
         "class_names": task.class_names,
         "counts": {s: len(task.split(s)) for s in SPLITS},
         "fingerprint": task.fingerprint(),
+        "decode": decode.model_dump(mode="json"),
     }
     meta = directory / f"{task.name}.json"
     tmp = atomic_path(meta)
-    tmp.write_text(json.dumps(record, indent=2))
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, meta)
     return record
 

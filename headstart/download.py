@@ -36,10 +36,22 @@ class _Transient(Exception):
     """A failure worth another try: the network or the server, not the content."""
 
 
-def matches(actual: str, expected: str) -> bool:
-    """A full sha256 must be equal; a shorter `expected` (torchvision's file-name prefix) must be its start."""
+def matches(actual: str, expected: str, algorithm: str = "sha256") -> bool:
+    """A full digest must be equal; a shorter sha256 (torchvision's file-name prefix) must be its start."""
     expected = expected.lower()
-    return actual == expected if len(expected) == 64 else len(expected) >= 8 and actual.startswith(expected)
+    if algorithm != "sha256" or len(expected) == 64:
+        return actual == expected
+    return len(expected) >= 8 and actual.startswith(expected)
+
+
+def _digest_file(path: Path, algorithm: str) -> str:
+    if algorithm == "sha256":
+        return sha256_file(path)
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def download(
@@ -50,23 +62,25 @@ def download(
     retries: int,
     timeout_s: float,
     backoff_s: float = 0.5,
+    algorithm: str = "sha256",
 ) -> str:
-    """Fetch `url` to `dest` unless a verified copy is already there; return the file's full sha256.
+    """Fetch `url` to `dest` unless a verified copy is already there; return the file's digest.
 
-    `expected` is a full sha256, or a hex prefix of one. A file already at `dest` is re-hashed,
-    never trusted; one that fails is replaced by a fresh download.
+    `expected` is a full sha256 or a hex prefix of one (or, with `algorithm="md5"`, the full md5 an
+    upstream publishes, as for Fashion-MNIST). A file already at `dest` is re-hashed, never
+    trusted; one that fails is replaced by a fresh download.
     """
     log = run_logger()
     if dest.is_file():
-        actual = sha256_file(dest)
-        if matches(actual, expected):
+        actual = _digest_file(dest, algorithm)
+        if matches(actual, expected, algorithm):
             return actual
-        log.warning("%s: cached file has sha256 %s, expected %s: downloading it again", dest, actual, expected)
+        log.warning("%s: cached file has %s %s, expected %s: downloading it again", dest, algorithm, actual, expected)
         dest.unlink()
     fresh_dir = not dest.parent.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _fetch_with_retries(url, dest, expected, retries, timeout_s, backoff_s)
+        return _fetch_with_retries(url, dest, expected, retries, timeout_s, backoff_s, algorithm)
     except BaseException:
         if fresh_dir:
             with suppress(OSError):
@@ -74,10 +88,12 @@ def download(
         raise
 
 
-def _fetch_with_retries(url: str, dest: Path, expected: str, retries: int, timeout_s: float, backoff_s: float) -> str:
+def _fetch_with_retries(
+    url: str, dest: Path, expected: str, retries: int, timeout_s: float, backoff_s: float, algorithm: str
+) -> str:
     for attempt in range(retries + 1):
         try:
-            return _fetch_once(url, dest, expected, timeout_s)
+            return _fetch_once(url, dest, expected, timeout_s, algorithm)
         except _Transient as err:
             if attempt == retries:
                 raise DownloadError(f"{url}: giving up after {attempt + 1} attempt(s): {err}") from None
@@ -87,23 +103,26 @@ def _fetch_with_retries(url: str, dest: Path, expected: str, retries: int, timeo
     raise AssertionError("unreachable")
 
 
-def _fetch_once(url: str, dest: Path, expected: str, timeout_s: float) -> str:
+def _fetch_once(url: str, dest: Path, expected: str, timeout_s: float, algorithm: str) -> str:
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest, size = _stream(url, out, timeout_s)
-        if not matches(digest, expected):
-            raise ChecksumError(f"{url}: sha256 mismatch: expected {expected.lower()}, got {digest} ({size} bytes)")
+            digest, size = _stream(url, out, timeout_s, algorithm)
+        if not matches(digest, expected, algorithm):
+            raise ChecksumError(
+                f"{url}: {algorithm} mismatch: expected {expected.lower()}, got {digest} ({size} bytes); "
+                "the file was not kept"
+            )
         os.replace(tmp, dest)
         return digest
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _stream(url: str, out: BinaryIO, timeout_s: float) -> tuple[str, int]:
+def _stream(url: str, out: BinaryIO, timeout_s: float, algorithm: str) -> tuple[str, int]:
     """Copy the response body into `out` while hashing it; transient failures raise `_Transient`."""
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm, usedforsecurity=False)
     size = 0
     try:
         with _opener(url).open(url, timeout=timeout_s) as resp:

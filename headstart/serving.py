@@ -3,7 +3,8 @@
 MLflow loads it "from code" (headstart/served_model.py names `HeadstartModel`): nothing is
 unpickled. `load_context` rebuilds the network from the logged weights (safetensors, full
 sha256 verified) and the `ModelSpec` inside them, so every request is preprocessed exactly as
-in training. Accepted inputs (README "Serve"): uint8 images (N,H,W) or (N,H,W,3); base64
+in training (headstart.images decodes files as the training data was). Accepted inputs
+(docs/operations.md): uint8 images (N,H,W) or (N,H,W,3); base64
 PNG/JPEG strings (a list, or a DataFrame column `image`); `{"features": ...}` (activations at
 the model's cut, answered by its head alone).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -20,11 +20,11 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from headstart.backbones import CLASSIFIER, Preprocess, StagedNet, feature_shape, preprocess
+from headstart.backbones import CLASSIFIER, StagedNet, feature_shape, preprocess
 from headstart.checkpoints import ModelSpec, load_model
 from headstart.fit import predict_logits
+from headstart.images import Decode, decode_image
 
 IMAGE_COLUMN = "image"
 FEATURES_KEY = "features"
@@ -58,7 +58,7 @@ def answer(net: StagedNet, spec: ModelSpec, request: Any) -> np.ndarray:
         if IMAGE_COLUMN not in request.columns:
             raise ValueError(f"a DataFrame request needs a column {IMAGE_COLUMN!r} of base64 PNG/JPEG strings")
         return predict_images(
-            net, spec, [decode_base64(v, spec.preprocess, i) for i, v in enumerate(request[IMAGE_COLUMN])]
+            net, spec, [decode_base64(v, spec.decoding(), i) for i, v in enumerate(request[IMAGE_COLUMN])]
         )
     if isinstance(request, dict):
         if set(request) == {FEATURES_KEY}:
@@ -70,7 +70,7 @@ def answer(net: StagedNet, spec: ModelSpec, request: Any) -> np.ndarray:
         )
     array = np.asarray(request)
     if array.dtype.kind in "OUS":
-        return predict_images(net, spec, [decode_base64(v, spec.preprocess, i) for i, v in enumerate(array.ravel())])
+        return predict_images(net, spec, [decode_base64(v, spec.decoding(), i) for i, v in enumerate(array.ravel())])
     return predict_images(net, spec, list(uint8_images(array)))
 
 
@@ -97,33 +97,14 @@ def uint8_images(array: np.ndarray) -> np.ndarray:
     return uint8_images(array.astype(np.uint8))
 
 
-def decode_image(raw: bytes, pre: Preprocess, name: str = "image") -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 pixels as the model takes them.
-
-    Grey ("L", PIL's ITU-R 601 luma) for a 1-channel model, RGB for a 3-channel one (grey and
-    palette images expanded, alpha dropped). An image larger than the model's `image_size` on
-    either side is resized to image_size x image_size (PIL bilinear, antialiased), as the data
-    stage does for image folders; a smaller one is left to `preprocess`, which upsamples it
-    exactly as in training (a 28x28 Fashion-MNIST image reaches a 64 px backbone unchanged).
-    """
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img = img.convert("L" if pre.channels == 1 else "RGB")
-            if max(img.size) > pre.image_size:
-                img = img.resize((pre.image_size, pre.image_size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{name}: not a readable PNG/JPEG image: {err}") from None
-
-
-def decode_base64(value: Any, pre: Preprocess, index: int) -> np.ndarray:
+def decode_base64(value: Any, decode: Decode, index: int) -> np.ndarray:
     if not isinstance(value, str | bytes):
         raise ValueError(f"image {index}: expected a base64 PNG/JPEG string, got {type(value).__name__}")
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"image {index}: not valid base64") from None
-    return decode_image(raw, pre, f"image {index}")
+    return decode_image(raw, decode, f"image {index}")
 
 
 def predict_images(net: StagedNet, spec: ModelSpec, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -26,6 +26,7 @@ from headstart.backbones import CLASSIFIER, StagedNet, create_model
 from headstart.caching import run_logger
 from headstart.checkpoints import (
     SPEC_KEY,
+    WEIGHTS_SHA_TAG,
     CheckpointError,
     ChecksumError,
     ModelSpec,
@@ -38,6 +39,7 @@ from headstart.config import WeightsParams
 from headstart.download import download, matches
 from headstart.env import project_root
 from headstart.fingerprint import sha256_file
+from headstart.records import SourceWeights
 
 FORMS = (
     "a local path, https://<host>/<file> (with sha256), torchvision:<model>/<WEIGHTS_ENUM>, "
@@ -155,33 +157,31 @@ def content_pin(uri: str, sha256: str | None) -> str:
         path = local_path(parsed.target)
         return sha256_file(path) if path.is_file() else f"missing:{path}"
     if parsed.kind == "registry":
-        from headstart.tracking import WEIGHTS_SHA_TAG
-
         version = _model_version(parsed, uri)
         return f"{version.name}/{version.version}/{version.tags.get(WEIGHTS_SHA_TAG)}"
     return sha256 or uri  # a URL or a torchvision enum names fixed bytes
 
 
-def load_source(record: Mapping[str, Any]) -> StagedNet:
+def load_source(weights: SourceWeights) -> StagedNet:
     """The source network a weights record describes, its full sha256 verified again on this load.
 
     A headstart model is rebuilt from the spec in its metadata; other checkpoints (staged or
     torchvision-native keys) go through `create_model`.
     """
-    path = Path(record["path"])
+    path = weights.local()
     if not path.is_file():
-        raise FileNotFoundError(f"source {record['source']!r}: weights file {path} is gone: rerun the weights stage")
-    state, metadata = load_weights(path, record["sha256"])
+        raise FileNotFoundError(f"source {weights.source!r}: weights file {path} is gone: rerun the weights stage")
+    state, metadata = load_weights(path, weights.sha256)
     if SPEC_KEY in metadata:
         spec = read_spec(metadata, path)
-        if spec.arch != record["arch"]:
+        if spec.arch != weights.arch:
             raise CheckpointError(
-                f"{path}: holds a {spec.arch!r} model, but source {record['source']!r} says {record['arch']!r}"
+                f"{path}: holds a {spec.arch!r} model, but source {weights.source!r} says {weights.arch!r}"
             )
         net = build_model(spec)
         net.load_state_dict(state, strict=True)
         return net
-    return create_model(record["arch"], _num_classes(state), state_dict=state)
+    return create_model(weights.arch, _num_classes(state), state_dict=state)
 
 
 def _num_classes(state: Mapping[str, torch.Tensor]) -> int:
@@ -266,8 +266,6 @@ def _model_version(parsed: WeightsURI, uri: str) -> Any:
 
 def _fetch_registry(parsed: WeightsURI, uri: str, sha256: str | None, cache_dir: Path) -> Fetched:
     import mlflow
-
-    from headstart.tracking import WEIGHTS_SHA_TAG
 
     version = _model_version(parsed, uri)
     expected = version.tags.get(WEIGHTS_SHA_TAG)

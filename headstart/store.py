@@ -1,7 +1,8 @@
 """The Zarr v3 feature store: frozen activations keyed by sample content, append-only, read only when complete.
 
-One store per extractor (weights, architecture, taps, preprocessing, code): its key is the hash of
-that provenance, which is also kept in the group attributes and checked on every open. A store
+One store per extractor (weights, architecture, taps, preprocessing, code: headstart.extraction's
+`provenance`): its key is the hash of that provenance, which is also kept in the group attributes
+and checked on every open. A store
 holds one array per tap (`features/<tap>`: the activations after that stage, all from one forward
 pass), so a run can pick any stored cut without extracting again; a reader names the taps it
 needs and is refused when the store lacks one. Rows are keyed by the sha256 of each sample's
@@ -34,13 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from headstart.backbones import Preprocess
-from headstart.checkpoints import atomic_write
-from headstart.fingerprint import files_version, sha256_bytes, sha256_json
+from headstart.files import atomic_write
+from headstart.fingerprint import sha256_bytes, sha256_json
 
 FORMAT = 2
 """Layout version: 2 stores one array per tap under `features/`."""
@@ -49,8 +48,6 @@ MARKER = "COMMITTED.json"
 LOCK = ".writer.lock"
 SHARDS = ".shards"
 """Folder of per-shard done markers of a sharded extension in progress; removed when it is committed."""
-EXTRACTOR_CODE = ("headstart/backbones.py", "headstart/store.py", "tasks/extract.py")
-"""The source files that decide what an activation is: any change to them makes a new store."""
 _READ_BYTES = 64 << 20
 """Upper bound on one read call's chunk span, so reading many keys never loads the whole store."""
 
@@ -73,25 +70,6 @@ class MissingRowsError(StoreError):
 
 Features = Mapping[str, np.ndarray] | np.ndarray
 """What `extend`'s compute returns: float32 activations per tap (a bare array when the store has one tap)."""
-
-
-def provenance(weights_sha256: str, arch: str, taps: str | Sequence[str], pre: Preprocess) -> dict[str, Any]:
-    """Everything that determines the activations, as JSON-able group attributes.
-
-    `taps` are the stages whose outputs are (to be) stored, in network order; one name is one tap.
-    A writer's provenance names every tap of its store, a reader's the taps it needs.
-    """
-    taps = [taps] if isinstance(taps, str) else list(taps)
-    if not taps or len(set(taps)) != len(taps):
-        raise ValueError(f"taps must be a non-empty list of distinct stage names, got {taps}")
-    return {
-        "weights_sha256": weights_sha256,
-        "arch": arch,
-        "taps": taps,
-        "preprocess": pre.model_dump(mode="json"),
-        "code_version": files_version(EXTRACTOR_CODE),
-        "torch": torch.__version__,
-    }
 
 
 def store_key(prov: dict[str, Any]) -> str:

@@ -20,14 +20,15 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from headstart.caching import run_logger
-from headstart.checkpoints import ModelSpec
+from headstart.checkpoints import WEIGHTS_SHA_TAG, ModelSpec
 from headstart.env import project_root
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "headstart"
+MODEL_SHA_TAG = "model_sha256"
+"""Tag of the run that trained a model file: its sha256, the content that finds the run again."""
 CHAMPION = "champion"
-WEIGHTS_SHA_TAG = "weights_sha256"
 UI_URL = "http://127.0.0.1:5000"
 """Where `make ui` (`headstart ui`) serves the project's own tracking store."""
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
@@ -154,8 +155,17 @@ def log_model(
         )
     if register_as is None:
         return None
-    version = mlflow.register_model(info.model_uri, register_as, tags={WEIGHTS_SHA_TAG: sha256})
     client = MlflowClient()
+    known = registered_version(register_as, sha256)
+    if known is not None:
+        log.info(
+            "%s version %s already holds these weights (sha256 %s): not registered again",
+            register_as,
+            known.version,
+            sha256[:16],
+        )
+        return known
+    version = mlflow.register_model(info.model_uri, register_as, tags={WEIGHTS_SHA_TAG: sha256})
     if score is not None:
         client.set_model_version_tag(register_as, version.version, "score", str(score))
     if _beats_champion(client, register_as, score):
@@ -164,6 +174,27 @@ def log_model(
     else:
         log.info("registered %s version %s (the champion scores higher)", register_as, version.version)
     return version
+
+
+def registered_version(name: str, sha256: str) -> ModelVersion | None:
+    """The registry version of `name` holding exactly these weights (the first registered), or None."""
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.{WEIGHTS_SHA_TAG} = '{sha256}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def run_of_model(sha256: str) -> str | None:
+    """The newest run that trained a model file with this sha256 (tag `model_sha256`), or None.
+
+    Records hold content only, so this is how a later stage, or the summary, finds the MLflow run
+    whichever orchestrator (and process) logged it.
+    """
+    found = MlflowClient().search_runs(
+        [experiment_id()], f"tags.{MODEL_SHA_TAG} = '{sha256}'", max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return found[0].info.run_id if found else None
 
 
 def _beats_champion(client: MlflowClient, name: str, score: float | None) -> bool:

@@ -5,13 +5,12 @@ small head, budget and validation split for every input) on the source's stored 
 each cut, against the same probe on the same network untrained (seeded random weights, computed
 here for the probe's images); the share of the untrained network's validation errors that the
 pretrained one removes (best cut against best cut) is what the source's training contributes to
-this target. The probe also ranks the cuts; raw pixels are probed too, for reference. README
-"Choosing a strategy" has the table, the thresholds and the measurements behind them.
+this target. The probe also ranks the cuts; raw pixels are probed too, for reference.
+docs/choosing-a-strategy.md has the table, the thresholds and the measurements behind them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,16 +25,16 @@ from prefect import task
 
 from headstart import tracking
 from headstart.backbones import Preprocess, create_model
-from headstart.caching import cached, output, run_logger
-from headstart.checkpoints import atomic_write
+from headstart.caching import cached, run_logger
 from headstart.config import AdviseParams, HeadParams
 from headstart.datasets import TaskData, load_task
+from headstart.extraction import segment_features, stored_features
+from headstart.files import atomic_write
 from headstart.fit import fit
 from headstart.heads import make_head
-from headstart.store import provenance
-from tasks.data import nested_fraction
-from tasks.extract import segment_features
-from tasks.train import needs_features, stored_features
+from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
+from headstart.splits import nested_fraction
+from headstart.strategies import needs_features
 
 PIXELS = "pixels"
 """The probe's other reference input: the raw target images, no network at all."""
@@ -95,7 +94,7 @@ def recommend(
                       help (for a different source, usually an earlier cut than the top).
     large, similar:   finetune: enough images to adapt every layer, from weights that help.
     large, different: scratch: enough images, and the pretrained weights barely beat random ones.
-    README "Choosing a strategy" has the measurements behind each cell (partial never won one there).
+    docs/choosing-a-strategy.md has the measurements behind each cell (partial never won one there).
     """
     small = samples_per_class < params.small_per_class
     similar = gain >= params.similar_gain
@@ -208,64 +207,58 @@ def probe_figure(advice: Mapping[str, Any], title: str) -> Figure:
 
 @task(**cached("advise"))
 def advise(
-    source_name: str,
-    weights_record: dict,
-    extract_record: dict,
-    data_record: dict,
+    weights: SourceWeights,
+    extract_record: ExtractRecord,
+    task_meta: TaskMeta,
     params: AdviseParams,
     data_dir: Path,
     out_dir: Path,
-) -> dict:
-    """Probe the source's stored cuts on the target, write `advice.json` and `probe.png`, log one MLflow run."""
+) -> AdviseRecord:
+    """Probe the source's stored cuts on the target, write `advice.json` (this record) and `probe.png`, log one run."""
     log = run_logger()
     target = load_task(Path(data_dir), "target")
-    if target.fingerprint() != data_record["fingerprint"]:
+    if target.fingerprint() != task_meta.fingerprint:
         raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
-    pre = Preprocess.model_validate(weights_record["preprocess"])
-    taps = extract_record.get("taps") or [extract_record["cut"]]
-    prov = provenance(weights_record["sha256"], weights_record["arch"], taps, pre)
-    subset = probe_subset(target.train.labels, params.probe_per_class, params.seed)
-    store = extract_record["store_path"]
+    taps, images = (
+        extract_record.taps,
+        target.train.images[probe_subset(target.train.labels, params.probe_per_class, params.seed)],
+    )
     features = {
-        tap: (
-            stored_features(store, prov, target.train.images[subset], tap),
-            stored_features(store, prov, target.val.images, tap),
-        )
-        for tap in taps
+        t: (stored_features(extract_record, images, t), stored_features(extract_record, target.val.images, t))
+        for t in taps
     }
-    arch, images = weights_record["arch"], target.train.images[subset]
-    fresh = untrained_features(arch, np.concatenate([images, target.val.images]), pre, taps, params.seed)
+    fresh = untrained_features(
+        weights.arch, np.concatenate([images, target.val.images]), weights.preprocess, taps, params.seed
+    )
     untrained = {tap: (a[: len(images)], a[len(images) :]) for tap, a in fresh.items()}
-    advice = {"source": source_name, **advise_target(target, features, untrained, taps, params)}
+    advice = {"source": weights.source, **advise_target(target, features, untrained, taps, params)}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    advice_path, figure_path = out_dir / "advice.json", out_dir / "probe.png"
-    with atomic_write(advice_path) as tmp:
-        tmp.write_text(json.dumps(advice, indent=2))
-    figure = probe_figure(advice, f"{source_name}: linear probe per cut ({advice['probe_rows']} images)")
+    figure_path = out_dir / "probe.png"
+    figure = probe_figure(advice, f"{weights.source}: linear probe per cut ({advice['probe_rows']} images)")
     with atomic_write(figure_path) as tmp:
         figure.savefig(tmp, format="png")
+    rec = advice["recommendation"]
     tags = {
         "stage": "advise",
-        "source": source_name,
+        "source": weights.source,
         "quadrant": advice["quadrant"],
-        "recommendation": f"{advice['recommendation']['strategy']}@{advice['recommendation']['cut']}",
-        "data_fingerprint": data_record["fingerprint"],
-        "weights_sha256": weights_record["sha256"],
-        "feature_store_key": extract_record["store_key"],
+        "recommendation": f"{rec['strategy']}@{rec['cut']}",
+        "data_fingerprint": task_meta.fingerprint,
+        "weights_sha256": weights.sha256,
+        "feature_store_key": extract_record.store_key,
     }
     table = probe_table(advice)
-    with tracking.training_run(f"advise-{source_name}", params.model_dump(mode="json"), tags) as mlrun:
+    with tracking.training_run(f"advise-{weights.source}", params.model_dump(mode="json"), tags):
         mlflow.log_metrics({f"probe_val_accuracy.{r['input']}": r["pretrained"] for r in table})
         mlflow.log_metrics(
             {f"probe_untrained_val_accuracy.{c}": r["val_accuracy"] for c, r in advice["untrained"].items()}
         )
         mlflow.log_metrics({"similarity": advice["similarity"], "samples_per_class": advice["samples_per_class"]})
         mlflow.log_dict({"rows": table}, "probe.json")
+        mlflow.log_dict(advice, "advice.json")
         mlflow.log_artifact(str(figure_path))
-        mlflow.log_artifact(str(advice_path))
-    rec = advice["recommendation"]
     at = f" at {rec['cut']}" if needs_features(rec["strategy"]) else ""
-    log.info("advise %s: %s; recommends %s%s", source_name, advice["quadrant"], rec["strategy"], at)
-    return {**advice, "mlflow_run_id": mlrun.info.run_id, "outputs": [output(advice_path), output(figure_path)]}
+    log.info("advise %s: %s; recommends %s%s", weights.source, advice["quadrant"], rec["strategy"], at)
+    return AdviseRecord(**advice, outputs=[Output.of(figure_path)])

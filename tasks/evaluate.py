@@ -15,16 +15,16 @@ from prefect import task
 
 from headstart import tracking
 from headstart.backbones import CLASSIFIER, StagedNet
-from headstart.caching import cached, output, run_logger
-from headstart.checkpoints import ModelSpec, atomic_write, load_model
+from headstart.caching import cached, run_logger
+from headstart.checkpoints import ModelSpec, load_model
 from headstart.config import EvaluateParams
 from headstart.datasets import load_task
+from headstart.extraction import stored_features
+from headstart.files import atomic_write
 from headstart.fit import predict_logits
 from headstart.metrics import classification_report, confusion_figure
+from headstart.records import EvaluateRecord, ExtractRecord, Output, TaskMeta, TrainRecord, absolute
 from headstart.serving import predict_proba
-from headstart.sources import local_path
-from headstart.store import provenance
-from tasks.train import stored_features
 
 
 def head_predictions(net: StagedNet, features: np.ndarray) -> np.ndarray:
@@ -50,25 +50,24 @@ def mlflow_metrics(report: dict) -> dict[str, float]:
 @task(**cached("evaluate"))
 def evaluate(
     run_name: str,
-    train_record: dict,
-    extract_record: dict | None,
-    data_record: dict,
+    train_record: TrainRecord,
+    extract_record: ExtractRecord | None,
+    task_meta: TaskMeta,
     params: EvaluateParams,
     data_dir: Path,
     reports_dir: Path,
-) -> dict:
+) -> EvaluateRecord:
     """Score, write `reports/<run>/metrics.json` and `confusion.png`, add both to the train run, register the model."""
     log = run_logger()
-    model_path = local_path(train_record["path"])
-    net, spec = load_model(model_path, train_record["sha256"])
+    model_path = absolute(train_record.path)
+    net, spec = load_model(model_path, train_record.sha256)
     test = load_task(Path(data_dir), "target").test
-    if train_record["strategy"] == "frozen":
+    if train_record.trained == "frozen":
         if extract_record is None:
             raise ValueError(
                 f"run {run_name!r} is frozen: it is scored on stored features and needs the extract record"
             )
-        prov = provenance(train_record["weights_sha256"], spec.arch, spec.cut, spec.preprocess)
-        y_pred = head_predictions(net, stored_features(extract_record["store_path"], prov, test.images))
+        y_pred = head_predictions(net, stored_features(extract_record, test.images, spec.cut))
     else:
         y_pred = image_predictions(net, spec, test.images)
     report = classification_report(test.labels, y_pred, spec.class_names)
@@ -82,18 +81,20 @@ def evaluate(
     with atomic_write(confusion_path) as tmp:
         confusion_figure(np.asarray(report["confusion_matrix"]), spec.class_names, title).savefig(tmp, format="png")
 
-    with tracking.training_run(run_name, {}, {}, run_id=train_record["mlflow_run_id"]):
+    run_id = tracking.run_of_model(train_record.sha256)
+    with tracking.training_run(
+        run_name, {}, {"stage": "train", tracking.MODEL_SHA_TAG: train_record.sha256}, run_id=run_id
+    ):
         mlflow.log_metrics(mlflow_metrics(report))
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
         mlflow.log_artifact(str(confusion_path), artifact_path="evaluation")
-        version = tracking.log_model(
-            model_path, train_record["sha256"], spec, register_as=params.register_as, score=train_record["val_accuracy"]
+        tracking.log_model(
+            model_path, train_record.sha256, spec, register_as=params.register_as, score=train_record.val_accuracy
         )
     log.info("%s: test accuracy %.4f, macro-F1 %.4f", run_name, report["accuracy"], report["macro_f1"])
-    return {
-        "run_name": run_name,
-        "test_accuracy": report["accuracy"],
-        "macro_f1": report["macro_f1"],
-        "registered_version": version.version if version is not None else None,
-        "outputs": [output(metrics_path), output(confusion_path)],
-    }
+    return EvaluateRecord(
+        run_name=run_name,
+        test_accuracy=report["accuracy"],
+        macro_f1=report["macro_f1"],
+        outputs=[Output.of(metrics_path), Output.of(confusion_path)],
+    )

@@ -1,7 +1,7 @@
 """One cell of the data-fraction sweep: a strategy trained on a nested share of the target's training split, one seed.
 
 Pure functions draw the subset, pick the cut frozen and partial cells train at, train through
-tasks.train's own functions and score the result on the test split. The `sweep` task runs one cell
+headstart.strategies and score the result on the test split. The `sweep` task runs one cell
 as an MLflow child run of the sweep's parent run and writes its per-epoch history atomically; it is
 cached by content, so an interrupted sweep redoes only the cells it had not finished.
 """
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -23,20 +21,20 @@ from torch.nn import functional as F
 
 from headstart import tracking
 from headstart.backbones import Preprocess, StagedNet, preprocess
-from headstart.caching import cached, output, run_logger
-from headstart.checkpoints import atomic_write
-from headstart.config import BEST_CUT, Device, HeadParams, OptimParams, SweepStrategy, TrainParams, UpperInit
+from headstart.caching import cached, run_logger
+from headstart.config import BEST_CUT, Device, HeadParams, OptimParams, SweepStrategy, UpperInit
 from headstart.datasets import Split, TaskData, load_task
+from headstart.extraction import source_network, stored_features
+from headstart.files import atomic_write
 from headstart.fit import EpochCallback, FitResult, predict_logits, resolve_device
 from headstart.metrics import accuracy
-from headstart.sources import load_source
-from headstart.store import provenance
-from tasks.data import nested_fraction
-from tasks.train import (
+from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
+from headstart.splits import nested_fraction
+from headstart.strategies import (
     STORED,
+    Recipe,
     end_to_end_net,
     partial_net,
-    stored_features,
     train_end_to_end,
     train_frozen_head,
     train_partial,
@@ -48,7 +46,7 @@ UPPER_INIT: UpperInit = "pretrained"
 """Partial cells start the layers above the cut from the source's weights: the transfer the sweep measures."""
 
 
-def sweep_cut(setting: str, advice: Mapping[str, Any] | None) -> str:
+def sweep_cut(setting: str, advice: AdviseRecord | None) -> str:
     """The stored cut frozen and partial cells train at: `best` is the advise stage's top-ranked cut, else `setting`.
 
     The probe ranks the cuts once, on its stratified subset of the whole training split, and that one
@@ -60,7 +58,7 @@ def sweep_cut(setting: str, advice: Mapping[str, Any] | None) -> str:
         return setting
     if advice is None:
         raise ValueError(f"sweep.cut is {BEST_CUT!r}: it needs the advise stage's ranking of the stored cuts")
-    return advice["ranking"][0]
+    return advice.ranking[0]
 
 
 def cell_name(strategy: str, fraction: float, seed: int) -> str:
@@ -72,11 +70,6 @@ def subset(split: Split, fraction: float, seed: int) -> Split:
     """The nested, stratified `fraction` of a split (the 5% subset lies inside the 10% one for a given seed)."""
     idx = nested_fraction(split.labels, fraction, seed)
     return Split(split.images[idx], split.labels[idx])
-
-
-def cell_params(head: HeadParams, optim: OptimParams, seed: int, device: Device) -> TrainParams:
-    """The train section tasks.train's functions expect, holding only what a cell uses (its one `optim`)."""
-    return TrainParams(runs={}, head=head, frozen=optim, end_to_end=optim, partial=optim, seed=seed, device=device)
 
 
 def scores_on_test(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
@@ -114,12 +107,12 @@ def frozen_cell(
     val: Pair,
     test: Pair,
     num_classes: int,
-    params: TrainParams,
+    recipe: Recipe,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[FitResult, dict[str, float]]:
-    """A new head on stored features (tasks.train's frozen strategy), scored on the stored test features."""
-    head, result = train_frozen_head(train, val, tuple(train[0].shape[1:]), num_classes, params, on_epoch)
-    return result, scores_on_test(predict_logits(head, test[0], device=params.device), test[1])
+    """A new head on stored features (the frozen strategy), scored on the stored test features."""
+    head, result = train_frozen_head(train, val, num_classes, recipe, on_epoch)
+    return result, scores_on_test(predict_logits(head, test[0], device=recipe.device), test[1])
 
 
 def partial_cell(
@@ -130,14 +123,14 @@ def partial_cell(
     val: Pair,
     target: TaskData,
     pre: Preprocess,
-    params: TrainParams,
+    recipe: Recipe,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[FitResult, dict[str, float]]:
     """The source's layers above `cut` (from its pretrained weights) plus a new head, trained on the stored
-    activations at `cut` (tasks.train's partial strategy), then scored as a whole network on the test images."""
-    net = partial_net(source_net, arch, cut, target.num_classes, params.head, pre, params.seed, UPPER_INIT)
-    result = train_partial(net, cut, train, val, params, on_epoch)
-    return result, image_scores(net, target.test, pre, params.device)
+    activations at `cut` (the partial strategy), then scored as a whole network on the test images."""
+    net = partial_net(source_net, arch, cut, target.num_classes, recipe.head, pre, recipe.seed, UPPER_INIT)
+    result = train_partial(net, cut, train, val, recipe, on_epoch)
+    return result, image_scores(net, target.test, pre, recipe.device)
 
 
 def end_to_end_cell(
@@ -146,13 +139,13 @@ def end_to_end_cell(
     strategy: str,
     target: TaskData,
     pre: Preprocess,
-    params: TrainParams,
+    recipe: Recipe,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[FitResult, dict[str, float]]:
     """The whole network from pretrained (finetune) or random (scratch) weights, scored on the test images."""
-    net = end_to_end_net(source_net, arch, strategy, target.num_classes, params.head, pre, params.seed)
-    result = train_end_to_end(net, target, pre, params, on_epoch)
-    return result, image_scores(net, target.test, pre, params.device)
+    net = end_to_end_net(source_net, arch, strategy, target.num_classes, recipe.head, pre, recipe.seed)
+    result = train_end_to_end(net, target, pre, recipe, on_epoch)
+    return result, image_scores(net, target.test, pre, recipe.device)
 
 
 @task(**cached("sweep"))
@@ -164,9 +157,9 @@ def sweep(
     head: HeadParams,
     optim: OptimParams,
     device: Device,
-    weights_record: dict,
-    extract_record: dict | None,
-    data_record: dict,
+    weights: SourceWeights,
+    extract_record: ExtractRecord | None,
+    task_meta: TaskMeta,
     data_dir: Path,
     out_dir: Path,
 ) -> dict:
@@ -182,21 +175,20 @@ def sweep(
     name = cell_name(strategy, fraction, seed)
     target = load_task(Path(data_dir), "target")
     target = dataclasses.replace(target, train=subset(target.train, fraction, seed))
-    pre = Preprocess.model_validate(weights_record["preprocess"])
-    arch = weights_record["arch"]
+    pre, arch = weights.preprocess, weights.arch
     if (strategy in STORED) != (cut is not None):
         raise ValueError(
             f"sweep cell {name!r}: frozen and partial cells take a stored cut, the others none; got {cut!r}"
         )
-    params = cell_params(head, optim, seed, device)
+    recipe = Recipe(head, optim, seed, device)
     at = f" at {cut}" if cut else ""
     log.info("%s: %s%s on %d of the target's training images", name, strategy, at, len(target.train))
     tags = {
         "stage": "sweep",
         "strategy": strategy,
-        "source": weights_record["source"],
-        "data_fingerprint": data_record["fingerprint"],
-        "weights_sha256": weights_record["sha256"],
+        "source": weights.source,
+        "data_fingerprint": task_meta.fingerprint,
+        "weights_sha256": weights.sha256,
     }
     run_params = {
         "strategy": strategy,
@@ -205,7 +197,7 @@ def sweep(
         "train_size": len(target.train),
         "cut": cut,
         **({"upper_init": UPPER_INIT} if strategy == "partial" else {}),
-        "source": {"name": weights_record["source"], "arch": arch},
+        "source": {"name": weights.source, "arch": arch},
         "head": head.model_dump(mode="json"),
         "optim": optim.model_dump(mode="json"),
     }
@@ -214,21 +206,20 @@ def sweep(
         if strategy in STORED:
             if extract_record is None:
                 raise ValueError(f"sweep cell {name!r} trains on stored activations: it needs the extract record")
-            tags["feature_store_key"] = extract_record["store_key"]
-            prov = provenance(weights_record["sha256"], arch, cut, pre)
-            store = extract_record["store_path"]
-            train_xy, val_xy = ((stored_features(store, prov, s.images), s.labels) for s in (target.train, target.val))
+            tags["feature_store_key"] = extract_record.store_key
+            train_xy, val_xy = (
+                (stored_features(extract_record, s.images, cut), s.labels) for s in (target.train, target.val)
+            )
             if strategy == "frozen":
-                test_xy = (stored_features(store, prov, target.test.images), target.test.labels)
-                result, scores = frozen_cell(train_xy, val_xy, test_xy, target.num_classes, params, tracking.log_epoch)
+                test_xy = (stored_features(extract_record, target.test.images, cut), target.test.labels)
+                result, scores = frozen_cell(train_xy, val_xy, test_xy, target.num_classes, recipe, tracking.log_epoch)
             else:
-                source_net = load_source(weights_record)
                 result, scores = partial_cell(
-                    source_net, arch, cut, train_xy, val_xy, target, pre, params, tracking.log_epoch
+                    source_network(weights), arch, cut, train_xy, val_xy, target, pre, recipe, tracking.log_epoch
                 )
         else:
-            source_net = load_source(weights_record)
-            result, scores = end_to_end_cell(source_net, arch, strategy, target, pre, params, tracking.log_epoch)
+            net = source_network(weights)
+            result, scores = end_to_end_cell(net, arch, strategy, target, pre, recipe, tracking.log_epoch)
         mlflow.set_tags({"git_commit": tracking.git_commit(), **tags})
         summary = cell_summary(result, scores)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
@@ -253,4 +244,4 @@ def sweep(
         summary["epochs"],
         summary["seconds"],
     )
-    return {**cell, **summary, "mlflow_run_id": child.info.run_id, "outputs": [output(path)]}
+    return {**cell, **summary, "mlflow_run_id": child.info.run_id, "outputs": [Output.of(path).model_dump()]}

@@ -20,8 +20,9 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from headstart import tracking
-from headstart.caching import cached, output, run_logger
-from headstart.checkpoints import atomic_write
+from headstart.caching import cached, run_logger
+from headstart.files import atomic_write
+from headstart.records import Output
 
 METRICS = {
     "test_accuracy": ("test accuracy", False),
@@ -211,5 +212,5 @@ def sweep_report(cells: list[dict], out_dir: Path, parent_run_id: str) -> dict:
         "crossover": found,
         "crossover_lines": crossover_lines(found),
         **summary,
-        "outputs": [output(p) for p in written],
+        "outputs": [Output.of(p).model_dump() for p in written],
     }

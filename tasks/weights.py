@@ -6,16 +6,16 @@ preprocessing: everything `headstart.sources.load_source` needs to rebuild the s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from headstart.backbones import Preprocess, create_model, get_architecture
-from headstart.caching import cached, output, run_logger
-from headstart.checkpoints import atomic_write, build_model
+from headstart.caching import cached, run_logger
+from headstart.checkpoints import build_model
 from headstart.config import SourceParams, WeightsParams
+from headstart.records import Output, SourceWeights, WeightsRecord, relative
 from headstart.sources import Fetched, WeightsURI, content_pin, fetch, parse_uri
 
 
@@ -62,16 +62,16 @@ def source_preprocess(source: SourceParams, fetched: Fetched) -> Preprocess:
     )
 
 
-def make_record(name: str, source: SourceParams, fetched: Fetched) -> dict[str, Any]:
-    return {
-        "source": name,
-        "uri": source.weights,
-        "path": str(fetched.path.resolve()),
-        "sha256": fetched.sha256,
-        "arch": source.arch,
-        "cut": source.cut,
-        "preprocess": source_preprocess(source, fetched).model_dump(mode="json"),
-    }
+def make_record(name: str, source: SourceParams, fetched: Fetched) -> SourceWeights:
+    return SourceWeights(
+        source=name,
+        uri=source.weights,
+        path=relative(fetched.path),
+        sha256=fetched.sha256,
+        arch=source.arch,
+        cut=source.cut,
+        preprocess=source_preprocess(source, fetched),
+    )
 
 
 def _current_content(parameters: dict[str, Any]) -> dict[str, str]:
@@ -81,13 +81,13 @@ def _current_content(parameters: dict[str, Any]) -> dict[str, str]:
 
 
 @task(**cached("weights", content=_current_content))
-def weights(sources: dict[str, SourceParams], params: WeightsParams, out_dir: Path, cache_dir: Path) -> dict:
-    """Fetch and verify every source's weights; write `out_dir/<source>.json` records."""
+def weights(sources: dict[str, SourceParams], params: WeightsParams, out_dir: Path, cache_dir: Path) -> WeightsRecord:
+    """Fetch and verify every source's weights; write `out_dir/<source>.json` (what extract@<source> depends on)."""
     log = run_logger()
     sources = {name: SourceParams.model_validate(s) for name, s in sources.items()}
     for name, source in sources.items():
         check_source(name, source)
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, SourceWeights] = {}
     outputs = []
     for name, source in sources.items():
         fetched = fetch(source.weights, source.sha256, params, Path(cache_dir))
@@ -95,7 +95,6 @@ def weights(sources: dict[str, SourceParams], params: WeightsParams, out_dir: Pa
         records[name] = make_record(name, source, fetched)
         log.info("source %s: %s -> %s (sha256 %s)", name, source.weights, fetched.path, fetched.sha256)
         final = Path(out_dir) / f"{name}.json"
-        with atomic_write(final) as tmp:
-            tmp.write_text(json.dumps(records[name], indent=2, sort_keys=True) + "\n")
-        outputs += [output(final), output(fetched.path)]
-    return {"sources": records, "outputs": outputs}
+        records[name].write(final)
+        outputs += [Output.of(final), Output.of(fetched.path)]
+    return WeightsRecord(sources=records, outputs=outputs)

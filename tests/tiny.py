@@ -14,6 +14,7 @@ import yaml
 
 from headstart.backbones import Preprocess, create_model
 from headstart.checkpoints import save_weights
+from headstart.records import SourceWeights
 
 REPO = Path(__file__).resolve().parent.parent
 MOBILENET = REPO / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
@@ -85,16 +86,10 @@ def install_mobilenet(torch_home: Path) -> bool:
     return True
 
 
-def random_cnn_weights(path: Path, pre: Preprocess) -> dict[str, Any]:
+def random_cnn_weights(path: Path, pre: Preprocess) -> SourceWeights:
     """The weights record of a seeded, untrained fmnist_cnn saved at `path`: extraction needs weights, not training."""
     torch.manual_seed(0)
     sha = save_weights(create_model("fmnist_cnn", 5).state_dict(), path)
-    return {
-        "source": "fmnist",
-        "uri": str(path),
-        "path": str(path),
-        "sha256": sha,
-        "arch": "fmnist_cnn",
-        "cut": "block2",
-        "preprocess": pre.model_dump(mode="json"),
-    }
+    return SourceWeights(
+        source="fmnist", uri=str(path), path=str(path), sha256=sha, arch="fmnist_cnn", cut="block2", preprocess=pre
+    )

@@ -38,8 +38,9 @@ def test_sweep_command_prints_the_table_and_writes_the_report(repo: Path) -> Non
     assert len(list((reports / "cells").glob("*.json"))) == 8
 
 
-def test_dvc_runs_the_sweep_stage_and_then_nothing(repo: Path) -> None:
-    proc = sh(repo, "dvc", "repro", "sweep")
-    assert "Running stage 'sweep'" in proc.stdout
+def test_dvc_runs_the_sweep_pipeline_and_then_nothing(repo: Path) -> None:
+    proc = sh(repo, "dvc", "repro", "sweep/dvc.yaml")
+    assert "Running stage 'sweep/dvc.yaml:sweep'" in proc.stdout, proc.stdout
     assert "summary.json" in sh(repo, "dvc", "metrics", "show").stdout
-    assert "Running stage" not in sh(repo, "dvc", "repro", "sweep").stdout
+    again = sh(repo, "dvc", "repro", "sweep/dvc.yaml").stdout
+    assert "Running stage 'sweep/dvc.yaml:sweep'" not in again, again

@@ -1,7 +1,8 @@
 """The sweep flow on tiny data with a real Prefect server and MLflow store: cells, the cut, report, resuming.
 
-The upstream stages run without Prefect (as DVC runs them), so this module leaves no cached
-upstream results behind for tests/flow/test_pipeline.py, whichever runs first.
+The upstream stages run without Prefect (as DVC runs them), and the stage records they write are
+removed when the module is done: both runners reuse a current record on disk, so this module leaves
+no cached upstream results behind for tests/flow/test_pipeline.py, whichever runs first.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from flows import stages
 from flows.layout import Layout
 from flows.sweep import fraction_sweep
 from headstart.config import Params, parse_params
+from headstart.records import AdviseRecord
+from headstart.strategies import STORED
 from tasks.sweep import cell_name
-from tasks.train import STORED
 from tests.states import task_states
 from tests.tiny import tiny_params, write_tiny_fmnist
 
@@ -33,13 +36,24 @@ CELLS = len(FRACTIONS) * len(STRATEGIES)
 
 def run_sweep(root: Path, params: Params) -> tuple[Any, Counter]:
     """Run the flow (inputs already prepared); return its final state and the task runs' states by task."""
-    state = fraction_sweep(params=params, root=root, upstream=False, return_state=True)
+    state = fraction_sweep(params=params, root=root, with_upstream=False, return_state=True)
     with get_client(sync_client=True) as client:
         return state, task_states(client, state.state_details.flow_run_id)
 
 
+def upstream_records(lay: Layout, source: str) -> list[Path]:
+    """The records of the stages the sweep reads, by which a later run of either orchestrator would reuse them."""
+    return [
+        lay.data_record,
+        lay.source_model / "record.json",
+        lay.weights_record,
+        lay.extract_record(source),
+        lay.advice_record(source),
+    ]
+
+
 @pytest.fixture(scope="module")
-def project(project_root: Path) -> dict[str, Any]:
+def project(project_root: Path) -> Iterator[dict[str, Any]]:
     """Tiny data, the source model, its weights, stored activations at every cut and the advice (its cut ranking),
     written by the plain stage functions; the sweep uses the params.yaml defaults but for the fractions."""
     raw = tiny_params(write_tiny_fmnist(project_root / "tiny-fmnist"))
@@ -49,12 +63,12 @@ def project(project_root: Path) -> dict[str, Any]:
     assert params.sweep.strategies == STRATEGIES and params.sweep.cut == "best"
     assert params.sweep.fractions == FRACTIONS and params.sweep.seeds == [0]
     lay = Layout(project_root)
-    stages.run_data(params, lay, stages.plain_runner)
-    stages.run_pretrain(params, lay, stages.plain_runner)
-    stages.run_weights(params, lay, stages.plain_runner)
-    stages.run_extract(params, lay, stages.plain_runner, "fmnist")
-    advice = stages.run_advise(params, lay, stages.plain_runner, "fmnist")
-    return {"root": project_root, "raw": raw, "params": params, "lay": lay, "advice": advice}
+    ran = stages.upstream(params, lay, stages.plain_runner, ["fmnist"], advised=["fmnist"])
+    assert ran == ["raw", "data", "pretrain", "weights", "extract@fmnist", "advise@fmnist"]
+    advice = AdviseRecord.read(lay.advice_record("fmnist"))
+    yield {"root": project_root, "raw": raw, "params": params, "lay": lay, "advice": advice}
+    for record in upstream_records(lay, "fmnist"):
+        record.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +153,7 @@ def test_a_warm_rerun_computes_nothing(project: dict[str, Any], interrupted: dic
 
 
 def test_frozen_and_partial_cells_train_at_the_probes_best_cut(project: dict[str, Any], interrupted: dict) -> None:
-    best = project["advice"]["ranking"][0]
+    best = project["advice"].ranking[0]
     assert best in project["params"].sources["fmnist"].stored_cuts
     result = interrupted["resumed"].result()
     assert {(r["strategy"], r["cut"]) for r in result["cell_records"]} == {
@@ -177,7 +191,7 @@ def test_more_seeds_compute_only_the_new_seeds_cells(project: dict[str, Any], in
 
 
 def test_a_named_cut_recomputes_only_the_cells_that_train_at_it(project: dict[str, Any], interrupted: dict) -> None:
-    best = project["advice"]["ranking"][0]
+    best = project["advice"].ranking[0]
     other = next(c for c in project["params"].sources["fmnist"].stored_cuts if c != best)
     raw = {**project["raw"], "sweep": {**project["raw"]["sweep"], "cut": other, "fractions": [1.0]}}
     state, states = run_sweep(project["root"], parse_params(raw))

@@ -20,7 +20,7 @@ import pytest
 from headstart.checkpoints import load_model
 from headstart.config import EvaluateParams
 from headstart.datasets import load_task
-from headstart.sources import local_path
+from headstart.records import absolute
 from tasks.evaluate import evaluate
 from tasks.train import train
 from tests.unit.training_setup import prepare
@@ -74,9 +74,9 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             run=setup.params.runs["frozen"],
             source=setup.source,
             params=setup.params,
-            weights_record=setup.weights_record,
+            weights=setup.weights,
             extract_record=setup.extract_record,
-            data_record=setup.data_record,
+            task_meta=setup.task_meta,
             data_dir=setup.data_dir,
             out_dir=root / "models" / "frozen",
         )
@@ -84,12 +84,12 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             run_name="frozen",
             train_record=trained,
             extract_record=setup.extract_record,
-            data_record=setup.data_record,
+            task_meta=setup.task_meta,
             params=EvaluateParams(register_as=MODEL),
             data_dir=setup.data_dir,
             reports_dir=root / "reports",
         )
-        net, spec = load_model(local_path(trained["path"]), trained["sha256"])
+        net, spec = load_model(absolute(trained.path), trained.sha256)
         yield {
             "root": root,
             "uri": uri,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,8 +26,11 @@ import pytest
 from headstart.backbones import Preprocess
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
+from headstart.extraction import provenance
 from headstart.fingerprint import row_keys
-from headstart.store import MARKER, SHARDS, FeatureStore, IncompleteStoreError, plan_shards, provenance
+from headstart.images import FMNIST_DECODE
+from headstart.records import ExtractRecord, TaskMeta
+from headstart.store import MARKER, SHARDS, FeatureStore, IncompleteStoreError, plan_shards
 from tasks.extract import extract
 from tests.ops.conftest import assert_all_gone
 from tests.tiny import random_cnn_weights, tiny_images
@@ -45,6 +49,7 @@ from pathlib import Path
 
 logging.basicConfig(level=logging.INFO)  # before Prefect is imported, as `headstart stage` does
 from headstart.config import ExtractParams
+from headstart.records import SourceWeights, TaskMeta
 from tasks.extract import extract
 
 
@@ -57,10 +62,11 @@ def note(log, delay, stop):
 
 args = json.loads(sys.argv[1])
 record = extract.fn(
-    "fmnist", args["weights"], args["record"], ExtractParams(**args["params"]), Path(args["data_dir"]),
-    Path(args["root"]), taps=args["taps"], on_chunk=functools.partial(note, args["log"], args["delay"]),
+    SourceWeights.model_validate(args["weights"]), TaskMeta.model_validate(args["task_meta"]),
+    ExtractParams(**args["params"]), Path(args["data_dir"]), Path(args["root"]), taps=args["taps"],
+    on_chunk=functools.partial(note, args["log"], args["delay"]),
 )
-print("RECORD " + json.dumps(record))
+print("RECORD " + record.model_dump_json())
 """
 
 
@@ -78,12 +84,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         Split(images[a:b], labels[a:b]),
         Split(images[b:], labels[b:]),
     )
-    record = save_task(task, root / "data")
+    meta = TaskMeta(**save_task(task, root / "data", FMNIST_DECODE))
     weights = random_cnn_weights(root / "source.safetensors", PRE)
-    local = extract.fn("fmnist", weights, record, LOCAL, root / "data", root / "local", taps=TAPS)
-    assert local["computed"] == N
+    committed: list[int] = []  # the store's committed rows after each chunk this call computed
+    local = extract.fn(weights, meta, LOCAL, root / "data", root / "local", taps=TAPS, on_chunk=committed.append)
+    assert local.rows == N and committed == sorted(committed) and committed[-1] == N  # all N computed by this call
     keys = row_keys(np.concatenate([task.split(s).images for s in SPLITS]))
-    return {"root": root, "weights": weights, "record": record, "local": local, "keys": keys}
+    return {"root": root, "weights": weights, "meta": meta, "local": local, "keys": keys}
 
 
 def run_child(project: dict[str, Any], features: Path, log: Path, delay: float, kill_after_shards: int = 0) -> dict:
@@ -93,8 +100,8 @@ def run_child(project: dict[str, Any], features: Path, log: Path, delay: float, 
     and every process it started (all must be gone afterwards).
     """
     args = {
-        "weights": project["weights"],
-        "record": project["record"],
+        "weights": project["weights"].model_dump(mode="json"),
+        "task_meta": project["meta"].model_dump(mode="json"),
         "params": DASK.model_dump(),
         "data_dir": str(project["root"] / "data"),
         "root": str(features),
@@ -132,7 +139,9 @@ def run_child(project: dict[str, Any], features: Path, log: Path, delay: float, 
         if child.poll() is None:
             child.kill()
             child.communicate()
-    record = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RECORD ")), None)
+    record = next(
+        (ExtractRecord.model_validate_json(line[7:]) for line in out.splitlines() if line.startswith("RECORD ")), None
+    )
     workers = {pid for pid, line in cmdlines.items() if "spawn_main" in line}  # multiprocessing's spawned workers
     return {"rc": child.returncode, "record": record, "out": out, "workers": workers, "killed": killed, "seen": seen}
 
@@ -157,11 +166,17 @@ def chunk_log(log: Path) -> list[tuple[int, int]]:
     return [(int(pid), int(stop)) for pid, stop in (line.split() for line in lines)]
 
 
-def assert_bitwise_equal(project: dict[str, Any], record: dict) -> None:
-    prov = provenance(project["weights"]["sha256"], "fmnist_cnn", TAPS, PRE)
-    local = FeatureStore.open(project["local"]["store_path"], prov)
-    dask = FeatureStore.open(record["store_path"], prov)
-    assert record["store_key"] == project["local"]["store_key"]  # the runner is not provenance
+def computed_rows(out: str) -> int:
+    """The rows the extract task computed in this run, as its summary log line reports them."""
+    (n,) = re.findall(r"extract fmnist at .*, (\d+) computed in ", out)
+    return int(n)
+
+
+def assert_bitwise_equal(project: dict[str, Any], record: ExtractRecord) -> None:
+    prov = provenance(project["weights"].sha256, "fmnist_cnn", TAPS, PRE)
+    local = FeatureStore.open(project["local"].store_dir(), prov)
+    dask = FeatureStore.open(record.store_dir(), prov)
+    assert record.store_key == project["local"].store_key  # the runner is not provenance
     np.testing.assert_array_equal(dask.committed_keys(), local.committed_keys())
     for tap in TAPS:
         a, b = dask.read(project["keys"], tap), local.read(project["keys"], tap)
@@ -174,11 +189,11 @@ def test_dask_runner_on_two_worker_processes_is_bitwise_the_local_store(project:
     try:
         assert run["rc"] == 0, run["out"][-3000:]
         record = run["record"]
-        assert record["computed"] == N and record["rows"] == N
+        assert computed_rows(run["out"]) == N and record.rows == N
         assert "computed by 2 worker processes" in run["out"]
         writers = {pid for pid, _ in chunk_log(tmp_path / "chunks.log")}
         assert len(run["workers"]) == 2 and writers == run["workers"]  # both real workers wrote chunks, nobody else
-        store = Path(record["store_path"])
+        store = record.store_dir()
         assert (store / MARKER).is_file() and not (store / SHARDS).exists()
         assert_bitwise_equal(project, record)
     finally:
@@ -197,7 +212,7 @@ def test_a_killed_worker_fails_the_run_and_the_rerun_computes_only_the_missing_s
         (store,) = features.glob("*.zarr")
         assert not (store / MARKER).exists()
         with pytest.raises(IncompleteStoreError):
-            FeatureStore.open(store, provenance(project["weights"]["sha256"], "fmnist_cnn", TAPS, PRE))
+            FeatureStore.open(store, provenance(project["weights"].sha256, "fmnist_cnn", TAPS, PRE))
     finally:
         assert_all_gone(list(first["seen"].values()), timeout_s=30)
 
@@ -212,8 +227,8 @@ def test_a_killed_worker_fails_the_run_and_the_rerun_computes_only_the_missing_s
         assert second["rc"] == 0, second["out"][-3000:]
         redone = sorted(stop for _, stop in chunk_log(log)[written:])
         assert redone == sorted(b for s in missing for _, b in s.segments)  # exactly the unmarked shards' chunks
-        assert second["record"]["computed"] == sum(s.stop - s.start for s in missing)
-        assert second["record"]["rows"] == N and not (store / SHARDS).exists()
+        assert computed_rows(second["out"]) == sum(s.stop - s.start for s in missing)
+        assert second["record"].rows == N and not (store / SHARDS).exists()
         assert_bitwise_equal(project, second["record"])
     finally:
         assert_all_gone(list(second["seen"].values()), timeout_s=30)

@@ -22,9 +22,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from headstart import servers
+from headstart.extraction import provenance, stored_features
 from headstart.serving import predict_proba
-from headstart.store import provenance
-from tasks.train import stored_features
 from tests.ops.conftest import BIN, MODEL, assert_all_gone, clean_env, free_port, process_tree
 
 
@@ -85,9 +84,11 @@ def test_raw_pixels_base64_pngs_and_a_dataframe_get_the_same_answers(served, reg
 
 def test_stored_features_are_answered_by_the_head_alone(served, registered: dict[str, Any]):
     test = registered["test"]
-    trained, spec = registered["trained"], registered["spec"]
-    prov = provenance(trained["weights_sha256"], spec.arch, spec.cut, spec.preprocess)
-    features = stored_features(registered["setup"].extract_record["store_path"], prov, test.images[:5])
+    trained, spec, extracted = registered["trained"], registered["spec"], registered["setup"].extract_record
+    # the model's own record and spec name the store's provenance at its cut: the features it was trained on
+    own = provenance(trained.weights_sha256, spec.arch, spec.cut, spec.preprocess)
+    assert extracted.provenance_for(spec.cut) == own
+    features = stored_features(extracted, test.images[:5], spec.cut)
     status, answer = post(f"{served['url']}/invocations", {"inputs": {"features": features.tolist()}})
     assert status == 200, answer
     expected = predict_proba(registered["net"], spec, test.images[:5])

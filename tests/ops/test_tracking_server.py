@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from headstart import servers, tracking
 from headstart.config import PretrainParams, WeightsParams
 from headstart.datasets import save_task
+from headstart.images import FMNIST_DECODE
+from headstart.records import TaskMeta
 from headstart.sources import fetch
 from tasks.pretrain import pretrain
 from tests.ops.conftest import BIN, assert_all_gone, clean_env, free_port, process_tree
@@ -55,12 +57,13 @@ def logged(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     mp.setenv("MLFLOW_TRACKING_URI", server["url"])
     mlflow.set_tracking_uri(server["url"])
     try:
-        record = save_task(tiny_task("source", classes=4, sizes=(40, 12, 12)), work / "data")
+        meta = TaskMeta(**save_task(tiny_task("source", classes=4, sizes=(40, 12, 12)), work / "data", FMNIST_DECODE))
         params = PretrainParams(epochs=1, batch_size=16, device="cpu", register_as=SOURCE)
-        pretrained = pretrain.fn(params=params, data_record=record, data_dir=work / "data", out_dir=work / "model")
+        pretrained = pretrain.fn(params=params, task_meta=meta, data_dir=work / "data", out_dir=work / "model")
+        run_id = tracking.run_of_model(pretrained.sha256)  # the run is found by the model file's sha256
         fetched = fetch(f"models:/{SOURCE}@champion", None, WeightsParams(), work / "cache")
         client = MlflowClient(server["url"])
-        yield {"pretrained": pretrained, "fetched": fetched, "client": client}
+        yield {"pretrained": pretrained, "run_id": run_id, "fetched": fetched, "client": client}
     finally:
         mlflow.set_tracking_uri(previous)
         mp.undo()
@@ -68,20 +71,22 @@ def logged(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_the_run_and_the_registered_model_are_on_the_server(logged: dict[str, Any], server: dict[str, Any]):
     client, pretrained = logged["client"], logged["pretrained"]
-    run = client.get_run(pretrained["mlflow_run_id"])
+    assert logged["run_id"] is not None
+    run = client.get_run(logged["run_id"])
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == tracking.EXPERIMENT
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's, not a client path
     version = client.get_model_version_by_alias(SOURCE, tracking.CHAMPION)
-    assert version.tags[tracking.WEIGHTS_SHA_TAG] == pretrained["sha256"]
+    assert version.tags[tracking.WEIGHTS_SHA_TAG] == pretrained.sha256
+    assert run.data.tags[tracking.MODEL_SHA_TAG] == pretrained.sha256
     stored = list((server["root"] / ".mlflow-server" / "artifacts").rglob("model.safetensors"))
     assert stored, "the model's weights did not land in the server's artifact store"
 
 
 def test_the_registry_uri_fetches_the_same_verified_weights(logged: dict[str, Any]):
     fetched, pretrained = logged["fetched"], logged["pretrained"]
-    assert fetched.sha256 == pretrained["sha256"]
+    assert fetched.sha256 == pretrained.sha256
     assert fetched.spec is not None and fetched.spec.arch == "fmnist_cnn"
     assert Path(fetched.path).is_file()
 

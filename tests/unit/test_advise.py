@@ -10,7 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.choose import advice_text, init_table
+from flows.stages import plain_runner, run_stage
+from headstart import tracking
 from headstart.config import AdviseParams, ExtractParams, OptimParams
+from headstart.records import AdviseRecord, ExtractRecord, Output
 from tasks.advise import advise, pixels, probe, probe_subset, recommend, similarity
 from tasks.extract import extract
 from tests.unit.training_setup import Setup, prepare
@@ -25,13 +28,12 @@ PARAMS = AdviseParams(
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Setup, dict]:
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Setup, ExtractRecord]:
     root = tmp_path_factory.mktemp("advise")
     base = prepare(root)
     record = extract.fn(
-        "fmnist",
-        base.weights_record,
-        base.data_record,
+        base.weights,
+        base.task_meta,
         ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
         base.data_dir,
         root / "features-taps",
@@ -84,17 +86,31 @@ def test_probe_learns_separable_rows_and_is_seeded():
     assert probe((x[:40], y[:40]), (x[40:], y[40:]), 3, params) == first
 
 
+def advise_runs(weights_sha256: str) -> set[str]:
+    """Ids of the MLflow runs the advise task logged for this source's weights."""
+    found = MlflowClient().search_runs(
+        [tracking.experiment_id()], f"tags.stage = 'advise' and tags.weights_sha256 = '{weights_sha256}'"
+    )
+    return {r.info.run_id for r in found}
+
+
 def test_advise_task_probes_every_stored_cut_and_writes_a_deterministic_advice(setup, tmp_path: Path):
     base, record = setup
     kwargs = dict(
-        source_name="fmnist",
-        weights_record=base.weights_record,
+        weights=base.weights,
         extract_record=record,
-        data_record=base.data_record,
+        task_meta=base.task_meta,
         params=PARAMS,
         data_dir=base.data_dir,
+        out_dir=tmp_path / "a",
     )
-    advice = advise.fn(**kwargs, out_dir=tmp_path / "a")
+    advice_path = tmp_path / "a" / "advice.json"
+    runs_before = advise_runs(base.weights.sha256)
+    # as flows/stages.run_advise runs it: the task, then its record written as advice.json
+    advice = run_stage(plain_runner, advise, advice_path, AdviseRecord, **kwargs)
+    runs_first = advise_runs(base.weights.sha256)
+    assert isinstance(advice, AdviseRecord) and advice.source == "fmnist"
+    advice = advice.model_dump(mode="json")
     assert list(advice["cuts"]) == CUTS and sorted(advice["ranking"]) == sorted(CUTS)
     accs = [advice["cuts"][c]["val_accuracy"] for c in advice["ranking"]]
     assert accs == sorted(accs, reverse=True)
@@ -106,21 +122,30 @@ def test_advise_task_probes_every_stored_cut_and_writes_a_deterministic_advice(s
     assert advice["similarity"] == pytest.approx(gain, abs=1e-4)
     assert advice["domain"] == ("similar" if gain >= PARAMS.similar_gain else "different")
     assert advice["recommendation"]["strategy"] == "frozen" and advice["recommendation"]["cut"] == advice["ranking"][0]
-    written = (tmp_path / "a" / "advice.json").read_text()
+    written = advice_path.read_text()
     assert json.loads(written)["recommendation"] == advice["recommendation"]
+    assert AdviseRecord.read(advice_path).model_dump(mode="json") == advice
     assert (tmp_path / "a" / "probe.png").read_bytes().startswith(b"\x89PNG")
+    assert [Output.model_validate(o) for o in advice["outputs"]] == [Output.of(tmp_path / "a" / "probe.png")]
 
-    again = advise.fn(**kwargs, out_dir=tmp_path / "b")
-    assert (tmp_path / "b" / "advice.json").read_text() == written  # same inputs, same bytes (DVC sees no change)
+    advice_path.unlink()  # the stage runs again from scratch
+    again = run_stage(plain_runner, advise, advice_path, AdviseRecord, **kwargs)
+    assert advice_path.read_text() == written  # same inputs, same bytes (DVC sees no change)
+    assert again.model_dump(mode="json") == advice
 
+    (run_id,) = runs_first - runs_before
+    (again_run_id,) = advise_runs(base.weights.sha256) - runs_first
     client = MlflowClient()
-    run = client.get_run(advice["mlflow_run_id"])
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "advise"
     assert run.data.tags["quadrant"] == advice["quadrant"]
     assert {f"probe_val_accuracy.{c}" for c in [*CUTS, "pixels"]} <= set(run.data.metrics)
     assert {f"probe_untrained_val_accuracy.{c}" for c in CUTS} <= set(run.data.metrics)
     assert {"probe.json", "probe.png", "advice.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert again["mlflow_run_id"] != advice["mlflow_run_id"]
+    assert again_run_id != run_id
+    (tmp_path / "logged").mkdir()
+    logged = Path(client.download_artifacts(run_id, "advice.json", str(tmp_path / "logged")))
+    assert json.loads(logged.read_text()) == {k: v for k, v in advice.items() if k not in ("key", "outputs")}
 
     text = advice_text(advice)
     for needle in ("small target", "recommendation: frozen at", "why:", "pixels", "untrained", *CUTS):

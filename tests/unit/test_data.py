@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import logging
 import math
+import re
 import struct
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -18,26 +20,26 @@ from PIL import Image
 from headstart.checkpoints import ChecksumError
 from headstart.config import DataParams
 from headstart.datasets import load_task
+from headstart.download import DownloadError
 from headstart.fingerprint import sha256_file
-from tasks.data import (
+from headstart.fmnist import (
     CLASS_NAMES,
     IDX_FILES,
     SYSTEM_DIR,
     check_pair,
     class_names_for,
-    data,
-    fmnist_task,
-    folder_task,
     idx_files,
-    nested_fraction,
     parse_idx,
     read_fmnist,
     read_idx,
-    read_image_folder,
     resolve_source,
     select_labels,
-    stratified_split,
 )
+from headstart.images import FMNIST_DECODE, Decode
+from headstart.records import DataRecord, RawRecord, TaskMeta, absolute
+from headstart.splits import nested_fraction, stratified_split
+from tasks.data import data, fmnist_task, folder_task, read_image_folder
+from tasks.raw import raw
 
 # ---------------------------------------------------------------- helpers
 
@@ -93,6 +95,17 @@ def make_image_folder(root: Path, classes: dict[str, int]) -> Path:
             else:
                 save_image(root / name / f"{i}.png", (33, 50), "RGBA", seed=10 * c + i)
     return root
+
+
+def rgb(size: int) -> Decode:
+    """How the data stage decodes an image folder's pictures: RGB, resized to a square of `size`."""
+    return Decode(mode="RGB", size=size)
+
+
+def run_data(params: DataParams, out_dir: Path, download_dir: Path) -> tuple[RawRecord, DataRecord]:
+    """The raw stage's record of the files, then the data task given it (as both runners chain them)."""
+    raw_record = raw.fn(params)
+    return raw_record, data.fn(params, raw_record, out_dir, download_dir)
 
 
 @pytest.fixture
@@ -289,7 +302,7 @@ def test_corrupted_download_is_refused_and_nothing_is_kept(tmp_path: Path, http_
 def test_missing_file_on_the_server_names_the_url(tmp_path: Path, http_server: tuple[Path, str]) -> None:
     _, url = http_server
     md5s = {f"{b}.gz": "0" * 32 for b in IDX_FILES.values()}
-    with pytest.raises(ConnectionError, match=r"train-images-idx3-ubyte.gz: download failed: HTTP Error 404"):
+    with pytest.raises(DownloadError, match=rf"^{re.escape(url)}train-images-idx3-ubyte.gz: HTTP 404 "):
         resolve_source(None, tmp_path / "dl", system_dir=tmp_path / "nowhere", base_url=url, md5s=md5s)
     assert list((tmp_path / "dl").iterdir()) == []
 
@@ -301,7 +314,7 @@ def test_image_folder_reads_resizes_and_names_classes(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "pets", {"PetB": 4, "None": 3, "PetA": 5})
     (folder / "README.txt").write_text("top-level files are not classes")
     (folder / "PetA" / ".DS_Store").write_bytes(b"\0junk")
-    images, labels, names = read_image_folder(folder, size=16)
+    images, labels, names = read_image_folder(folder, rgb(16))
     assert names == ["None", "PetA", "PetB"]
     assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [3, 5, 4]
@@ -318,7 +331,7 @@ def test_all_unreadable_images_are_listed_in_one_error(tmp_path: Path) -> None:
     (folder / "a" / "broken.png").write_bytes((folder / "a" / "1.png").read_bytes()[:40])
     (folder / "b" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError) as err:
-        read_image_folder(folder, size=8)
+        read_image_folder(folder, rgb(8))
     message = str(err.value)
     assert "2 unreadable images" in message
     assert str(folder / "a" / "broken.png") in message and str(folder / "b" / "notes.txt") in message
@@ -328,50 +341,60 @@ def test_empty_class_folder_and_single_class_are_errors(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 3})
     (folder / "c").mkdir()
     with pytest.raises(ValueError, match=rf"{folder / 'c'}: class folder holds 0 images"):
-        read_image_folder(folder, size=8)
+        read_image_folder(folder, rgb(8))
     single = make_image_folder(tmp_path / "single", {"only": 3})
     with pytest.raises(ValueError, match=rf"{single}: expected at least 2 class sub-folders, found \['only'\]"):
-        read_image_folder(single, size=8)
+        read_image_folder(single, rgb(8))
     with pytest.raises(FileNotFoundError, match="missing: data.image_folder is not a folder"):
-        read_image_folder(tmp_path / "missing", size=8)
+        read_image_folder(tmp_path / "missing", rgb(8))
 
 
 # ---------------------------------------------------------------- the task, end to end
 
 
-def test_data_task_writes_both_tasks_that_load_back(tmp_path: Path) -> None:
-    write_fmnist(tmp_path / "fmnist", gz=True, per_class_train=20, per_class_test=4)
-    params = DataParams(root=tmp_path / "fmnist", train_fraction=0.1, seed=2)
-    record = data.fn(params, tmp_path / "out", tmp_path / "dl")
-    assert record["origin"] == f"root:{tmp_path / 'fmnist'}"
-    assert sorted(Path(o["path"]).name for o in record["outputs"]) == [
+def test_data_task_writes_both_tasks_that_load_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "fmnist"
+    write_fmnist(root, gz=True, per_class_train=20, per_class_test=4)
+    params = DataParams(root=root, train_fraction=0.1, seed=2)
+    with caplog.at_level(logging.INFO, logger="headstart"):
+        raw_record, record = run_data(params, tmp_path / "out", tmp_path / "dl")
+    # The record says what kind of origin (no path of this machine); the raw record pins the files read.
+    assert record.origin == raw_record.fmnist_origin == "root"
+    assert raw_record.fmnist == {p.name: sha256_file(p) for p in idx_files(root).values()}
+    assert f"Fashion-MNIST IDX files from root:{root}" in caplog.text
+    assert sorted(Path(o.path).name for o in record.outputs) == [
         "source.json",
         "source.npz",
         "target.json",
         "target.npz",
     ]
-    assert all(sha256_file(o["path"]) == o["sha256"] for o in record["outputs"])
-    assert record["source"]["counts"] == {"train": 90, "val": 10, "test": 20}
-    assert record["target"]["counts"] == {"train": 5 * math.ceil(0.1 * 18), "val": 10, "test": 20}
+    assert all(sha256_file(absolute(o.path)) == o.sha256 for o in record.outputs) and record.intact()
+    assert record.source.counts == {"train": 90, "val": 10, "test": 20}
+    assert record.target.counts == {"train": 5 * math.ceil(0.1 * 18), "val": 10, "test": 20}
+    assert record.source.decode == record.target.decode == FMNIST_DECODE
+    assert TaskMeta.read(tmp_path / "out" / "source.json") == record.source
+    assert TaskMeta.read(tmp_path / "out" / "target.json") == record.target
     source, target = load_task(tmp_path / "out", "source"), load_task(tmp_path / "out", "target")
     assert source.class_names == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert target.class_names == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
-    assert source.fingerprint() == record["source"]["fingerprint"]
+    assert source.fingerprint() == record.source.fingerprint
     assert set(np.unique(target.train.labels)) == {0, 1, 2, 3, 4}
-    rerun = data.fn(params, tmp_path / "out2", tmp_path / "dl")
-    assert rerun["target"]["fingerprint"] == record["target"]["fingerprint"]
+    _, rerun = run_data(params, tmp_path / "out2", tmp_path / "dl")
+    assert rerun.target.fingerprint == record.target.fingerprint
 
 
 def test_data_task_with_an_image_folder_replaces_the_target(tmp_path: Path) -> None:
     write_fmnist(tmp_path / "fmnist", gz=False)
     folder = make_image_folder(tmp_path / "pets", {"PetA": 6, "PetB": 6, "None": 6})
     params = DataParams(root=tmp_path / "fmnist", image_folder=folder, folder_image_size=12, test_fraction=0.34)
-    record = data.fn(params, tmp_path / "out", tmp_path / "dl")
+    raw_record, record = run_data(params, tmp_path / "out", tmp_path / "dl")
     target = load_task(tmp_path / "out", "target")
     assert target.class_names == ["None", "PetA", "PetB"]
     assert target.train.images.shape[1:] == (12, 12, 3)
-    assert record["target"]["counts"] == {"train": 9, "val": 3, "test": 6}
-    assert record["source"]["counts"]["test"] == 15
+    assert record.target.counts == {"train": 9, "val": 3, "test": 6}
+    assert record.source.counts["test"] == 15
+    assert record.target.decode == rgb(12) and record.source.decode == FMNIST_DECODE
+    assert raw_record.image_folder is not None and len(raw_record.image_folder) == 18
 
 
 def test_params_bound_the_new_fields() -> None:

@@ -16,9 +16,10 @@ from headstart import metrics, tracking
 from headstart.checkpoints import load_model
 from headstart.config import EvaluateParams
 from headstart.datasets import load_task
-from headstart.store import provenance
+from headstart.extraction import provenance, stored_features
+from headstart.records import EvaluateRecord, Output, TrainRecord, absolute
 from tasks.evaluate import evaluate, head_predictions, image_predictions
-from tasks.train import stored_features, train
+from tasks.train import train
 from tests.unit.training_setup import Setup, prepare
 
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
@@ -88,7 +89,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 
 @pytest.fixture(scope="module")
-def evaluated(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, dict, Path]]:
+def evaluated(
+    setup: Setup, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[TrainRecord, EvaluateRecord, Path]]:
     out = {}
     for strategy in ("frozen", "finetune"):
         root = tmp_path_factory.mktemp(strategy)
@@ -98,9 +101,9 @@ def evaluated(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[st
             run=setup.params.runs[strategy],
             source=setup.source,
             params=setup.params,
-            weights_record=setup.weights_record,
+            weights=setup.weights,
             extract_record=extract_record,
-            data_record=setup.data_record,
+            task_meta=setup.task_meta,
             data_dir=setup.data_dir,
             out_dir=root / "model",
         )
@@ -108,7 +111,7 @@ def evaluated(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[st
             run_name=f"eval-{strategy}",
             train_record=trained,
             extract_record=extract_record,
-            data_record=setup.data_record,
+            task_meta=setup.task_meta,
             params=PARAMS,
             data_dir=setup.data_dir,
             reports_dir=root / "reports",
@@ -120,45 +123,56 @@ def evaluated(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 @pytest.mark.parametrize("strategy", ["frozen", "finetune"])
 def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
     trained, record, reports = evaluated[strategy]
-    assert set(record) == {"run_name", "test_accuracy", "macro_f1", "registered_version", "outputs"}
+    # the registered version is found in the registry by the weights' sha256 (test_evaluate_logs_to_the_train_run...)
+    assert isinstance(record, EvaluateRecord)
+    assert set(EvaluateRecord.model_fields) == {"run_name", "test_accuracy", "macro_f1", "key", "outputs"}
+    assert record.run_name == f"eval-{strategy}"
     report = json.loads((reports / "metrics.json").read_text())
     assert set(report) == {"accuracy", "macro_f1", "per_class", "n_test"}
-    assert report["n_test"] == 15 and report["accuracy"] == record["test_accuracy"]
+    assert report["n_test"] == 15 and report["accuracy"] == record.test_accuracy
+    assert report["macro_f1"] == record.macro_f1
     assert set(report["per_class"]) == {"target-0", "target-1", "target-2"}
     assert all({"precision", "recall"} <= set(v) for v in report["per_class"].values())
     assert (reports / "confusion.png").read_bytes().startswith(b"\x89PNG")
-    assert {Path(o["path"]).name for o in record["outputs"]} == {"metrics.json", "confusion.png"}
+    assert {Path(o.path).name for o in record.outputs} == {"metrics.json", "confusion.png"}
+    assert set(record.outputs) == {Output.of(reports / "metrics.json"), Output.of(reports / "confusion.png")}
 
 
 def test_frozen_scores_on_stored_features_equal_the_whole_network_on_images(setup: Setup, evaluated):
     trained, record, _ = evaluated["frozen"]
-    net, spec = load_model(trained["path"], trained["sha256"])
+    net, spec = load_model(absolute(trained.path), trained.sha256)
     test = load_task(setup.data_dir, "target").test
-    prov = provenance(trained["weights_sha256"], spec.arch, spec.cut, spec.preprocess)
-    from_store = head_predictions(net, stored_features(setup.extract_record["store_path"], prov, test.images))
+    extract_record = setup.extract_record
+    prov = provenance(trained.weights_sha256, spec.arch, spec.cut, spec.preprocess)
+    assert extract_record.provenance_for(spec.cut) == prov  # the store read is the one these weights wrote
+    from_store = head_predictions(net, stored_features(extract_record, test.images, spec.cut))
     from_images = image_predictions(net, spec, test.images)
     assert (from_store == from_images).all()
-    assert metrics.accuracy(test.labels, from_images) == record["test_accuracy"]
+    assert metrics.accuracy(test.labels, from_images) == record.test_accuracy
 
 
 @pytest.mark.parametrize("strategy", ["frozen", "finetune"])
 def test_evaluate_logs_to_the_train_run_and_registers(evaluated, strategy: str):
     trained, record, _ = evaluated[strategy]
     client = MlflowClient()
-    run = client.get_run(trained["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(record["test_accuracy"])
-    assert run.data.metrics["test_macro_f1"] == pytest.approx(record["macro_f1"])
+    run_id = tracking.run_of_model(trained.sha256)
+    assert run_id is not None
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"eval-{strategy}"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(record.test_accuracy)
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(record.macro_f1)
     assert "test_recall.target-0" in run.data.metrics
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == trained["epochs"]  # train's metrics kept
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == trained.epochs  # train's metrics kept
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert evaluation == {"evaluation/metrics.json", "evaluation/confusion.png"}
-    version = client.get_model_version(PARAMS.register_as, record["registered_version"])
-    assert version.run_id == run.info.run_id and version.tags[tracking.WEIGHTS_SHA_TAG] == trained["sha256"]
-    assert float(version.tags["score"]) == pytest.approx(trained["val_accuracy"])
+    registered = tracking.registered_version(PARAMS.register_as, trained.sha256)
+    assert registered is not None
+    version = client.get_model_version(PARAMS.register_as, registered.version)
+    assert version.run_id == run.info.run_id and version.tags[tracking.WEIGHTS_SHA_TAG] == trained.sha256
+    assert float(version.tags["score"]) == pytest.approx(trained.val_accuracy)
 
 
 def test_frozen_without_features_is_a_clear_error(evaluated, setup: Setup, tmp_path: Path):
     trained, _, _ = evaluated["frozen"]
     with pytest.raises(ValueError, match="needs the extract record"):
-        evaluate.fn("x", trained, None, setup.data_record, PARAMS, setup.data_dir, tmp_path)
+        evaluate.fn("x", trained, None, setup.task_meta, PARAMS, setup.data_dir, tmp_path)

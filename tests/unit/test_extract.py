@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,13 +18,15 @@ import torch
 import zarr
 
 from headstart.backbones import Preprocess, create_model, preprocess
-from headstart.caching import outputs_intact
 from headstart.checkpoints import load_weights
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
+from headstart.extraction import extract_taps, provenance, stored_taps
 from headstart.fingerprint import row_keys
-from headstart.store import FeatureStore, IncompleteStoreError, provenance, store_path
-from tasks.extract import extract, extract_taps, stored_taps
+from headstart.images import FMNIST_DECODE
+from headstart.records import ExtractRecord, SourceWeights, TaskMeta
+from headstart.store import FeatureStore, IncompleteStoreError, store_path
+from tasks.extract import extract
 from tests.tiny import random_cnn_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,36 +52,66 @@ def all_images(task: TaskData) -> np.ndarray:
     return np.concatenate([task.split(s).images for s in SPLITS])
 
 
+def save(task: TaskData, data_dir: Path) -> TaskMeta:
+    """Write the task as the data stage does; its TaskMeta is what extract checks the file against."""
+    return TaskMeta(**save_task(task, data_dir, FMNIST_DECODE))
+
+
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def weights(tmp_path_factory: pytest.TempPathFactory) -> SourceWeights:
     return random_cnn_weights(tmp_path_factory.mktemp("weights") / "source.safetensors", PRE)
 
 
-def prov(weights: dict) -> dict:
-    return provenance(weights["sha256"], "fmnist_cnn", "block2", PRE)
+def prov(weights: SourceWeights) -> dict:
+    return provenance(weights.sha256, "fmnist_cnn", "block2", PRE)
 
 
-def test_extract_end_to_end_then_incremental(tmp_path: Path, weights: dict) -> None:
+def run_extract(
+    weights: SourceWeights, task_meta: TaskMeta, data_dir: Path, root: Path, taps: Sequence[str] = ()
+) -> tuple[ExtractRecord, int]:
+    """The extract task's record and how many rows it computed.
+
+    A record holds content, not history, so the count is read from the store: its committed rows
+    before and after, and the on_chunk hook (called once per committed chunk, never when nothing
+    was computed).
+    """
+    cuts = stored_taps(create_model(weights.arch, 5), weights.cut, taps)
+    path = store_path(root, provenance(weights.sha256, weights.arch, cuts, weights.preprocess))
+    before = committed_rows(path)
+    chunks: list[int] = []
+    record = extract.fn(weights, task_meta, PARAMS, data_dir, root, taps=taps, on_chunk=chunks.append)
+    assert record.store_dir() == path
+    computed = committed_rows(path) - before
+    assert record.rows == committed_rows(path)
+    if computed == 0:
+        assert chunks == []
+    else:
+        assert chunks[-1] == record.rows
+    return record, computed
+
+
+def test_extract_end_to_end_then_incremental(tmp_path: Path, weights: SourceWeights) -> None:
     task = make_task()
     data_dir, root = tmp_path / "data", tmp_path / "features"
-    record = save_task(task, data_dir)
+    record = save(task, data_dir)
 
-    first = extract.fn("fmnist", weights, record, PARAMS, data_dir, root)
-    assert first["computed"] == 300 and first["rows"] == 300
-    assert first["feature_shape"] == [64, 7, 7]
-    assert Path(first["store_path"]) == store_path(root, prov(weights))
-    assert outputs_intact(first)
+    first, computed = run_extract(weights, record, data_dir, root)
+    assert computed == 300 and first.rows == 300
+    assert first.tap_shapes[first.cut] == [64, 7, 7]
+    assert first.store_dir() == store_path(root, prov(weights))
+    assert first.provenance_for() == prov(weights) and first.weights_sha256 == weights.sha256
+    assert first.intact()
 
     keys = row_keys(all_images(task))
-    stored = FeatureStore.open(first["store_path"], prov(weights)).read(keys)
-    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights["path"], weights["sha256"])[0])
+    stored = FeatureStore.open(first.store_dir(), prov(weights)).read(keys)
+    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights.path, weights.sha256)[0])
     with torch.no_grad():
         direct = net.eval().upto("block2")(preprocess(all_images(task), PRE)).numpy()
     np.testing.assert_allclose(stored, direct, rtol=1e-5, atol=1e-5)
 
-    second = extract.fn("fmnist", weights, record, PARAMS, data_dir, root)
-    assert second["computed"] == 0 and second["rows"] == 300
-    assert second["outputs"] == first["outputs"]
+    second, computed = run_extract(weights, record, data_dir, root)
+    assert computed == 0 and second.rows == 300
+    assert second.outputs == first.outputs
 
     extra = np.random.default_rng(9).integers(0, 256, size=(30, 28, 28), dtype=np.uint8)
     grown = replace(
@@ -87,20 +120,21 @@ def test_extract_end_to_end_then_incremental(tmp_path: Path, weights: dict) -> N
             np.concatenate([task.train.images, extra]), np.concatenate([task.train.labels, np.zeros(30, np.int64)])
         ),
     )
-    third = extract.fn("fmnist", weights, save_task(grown, data_dir), PARAMS, data_dir, root)
-    assert third["computed"] == 30 and third["rows"] == 330
-    reader = FeatureStore.open(third["store_path"], prov(weights))
+    third, computed = run_extract(weights, save(grown, data_dir), data_dir, root)
+    assert computed == 30 and third.rows == 330
+    reader = FeatureStore.open(third.store_dir(), prov(weights))
     np.testing.assert_array_equal(reader.read(keys), stored)  # old rows untouched
 
 
-def test_stale_data_record_is_refused(tmp_path: Path, weights: dict) -> None:
+def test_stale_data_record_is_refused(tmp_path: Path, weights: SourceWeights) -> None:
     data_dir = tmp_path / "data"
-    record = save_task(make_task(20), data_dir)
+    record = save(make_task(20), data_dir)
+    stale = record.model_copy(update={"fingerprint": "0" * 64})
     with pytest.raises(ValueError, match="rerun the data stage"):
-        extract.fn("fmnist", weights, record | {"fingerprint": "0" * 64}, PARAMS, data_dir, tmp_path / "f")
+        extract.fn(weights, stale, PARAMS, data_dir, tmp_path / "f")
 
 
-def test_extract_taps_yields_batches_from_the_first_image(weights: dict) -> None:
+def test_extract_taps_yields_batches_from_the_first_image(weights: SourceWeights) -> None:
     net = create_model("fmnist_cnn", 5)
     imgs = make_task(20).train.images
     batches = list(extract_taps(net, imgs, PRE, ["block1"], 5))
@@ -109,8 +143,8 @@ def test_extract_taps_yields_batches_from_the_first_image(weights: dict) -> None
     assert not net.stages["block1"].training  # the frozen stages run in eval mode
 
 
-def test_one_forward_pass_gives_every_tap_as_the_bodies_cut_there_would(weights: dict) -> None:
-    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights["path"], weights["sha256"])[0]).eval()
+def test_one_forward_pass_gives_every_tap_as_the_bodies_cut_there_would(weights: SourceWeights) -> None:
+    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights.path, weights.sha256)[0]).eval()
     imgs = make_task(20).train.images
     assert stored_taps(net, "block2", ["fc1", "block1", "block2"]) == ["block1", "block2", "fc1"]
     with pytest.raises(KeyError, match=r"unknown cut point\(s\) \['fc9'\]"):
@@ -122,25 +156,27 @@ def test_one_forward_pass_gives_every_tap_as_the_bodies_cut_there_would(weights:
             np.testing.assert_array_equal(batch[tap], net.upto(tap)(preprocess(imgs, PRE)).numpy())
 
 
-def test_multi_tap_store_serves_any_stored_cut_without_extracting_again(tmp_path: Path, weights: dict) -> None:
+def test_multi_tap_store_serves_any_stored_cut_without_extracting_again(tmp_path: Path, weights: SourceWeights) -> None:
     task = make_task(80)
     data_dir, root = tmp_path / "data", tmp_path / "features"
-    record = save_task(task, data_dir)
-    first = extract.fn("fmnist", weights, record, PARAMS, data_dir, root, taps=["fc1", "block1"])
-    assert first["taps"] == ["block1", "block2", "fc1"] and first["cut"] == "block2"
-    assert first["tap_shapes"] == {"block1": [32, 14, 14], "block2": [64, 7, 7], "fc1": [128]}
-    assert first["feature_shape"] == [64, 7, 7] and first["computed"] == 80
-    taps_prov = provenance(weights["sha256"], "fmnist_cnn", first["taps"], PRE)
-    assert Path(first["store_path"]) == store_path(root, taps_prov) != store_path(root, prov(weights))
-    assert zarr.open_group(first["store_path"], mode="r").attrs["taps"] == first["taps"]
+    record = save(task, data_dir)
+    first, computed = run_extract(weights, record, data_dir, root, taps=["fc1", "block1"])
+    assert first.taps == ["block1", "block2", "fc1"] and first.cut == "block2"
+    assert first.tap_shapes == {"block1": [32, 14, 14], "block2": [64, 7, 7], "fc1": [128]}
+    assert first.tap_shapes[first.cut] == [64, 7, 7] and computed == 80
+    taps_prov = provenance(weights.sha256, "fmnist_cnn", first.taps, PRE)
+    assert first.provenance == taps_prov
+    assert first.store_dir() == store_path(root, taps_prov) != store_path(root, prov(weights))
+    assert zarr.open_group(first.store_dir(), mode="r").attrs["taps"] == first.taps
 
-    again = extract.fn("fmnist", weights, record, PARAMS, data_dir, root, taps=["block1", "fc1", "block2"])
-    assert again["computed"] == 0 and again["store_path"] == first["store_path"]  # tap order does not matter
+    again, computed = run_extract(weights, record, data_dir, root, taps=["block1", "fc1", "block2"])
+    assert computed == 0 and again.store == first.store  # tap order does not matter
 
     keys = row_keys(all_images(task))
-    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights["path"], weights["sha256"])[0]).eval()
-    for tap in first["taps"]:  # a run cutting at any stored tap reads it with the usual single-cut provenance
-        stored = FeatureStore.open(first["store_path"], provenance(weights["sha256"], "fmnist_cnn", tap, PRE))
+    net = create_model("fmnist_cnn", 5, state_dict=load_weights(weights.path, weights.sha256)[0]).eval()
+    for tap in first.taps:  # a run cutting at any stored tap reads it with the usual single-cut provenance
+        assert first.provenance_for(tap) == provenance(weights.sha256, "fmnist_cnn", tap, PRE)
+        stored = FeatureStore.open(first.store_dir(), first.provenance_for(tap))
         with torch.no_grad():
             direct = net.upto(tap)(preprocess(all_images(task), PRE)).numpy()
         np.testing.assert_allclose(stored.read(keys), direct, rtol=1e-5, atol=1e-5)
@@ -151,13 +187,15 @@ import json, sys, time
 from pathlib import Path
 import torch
 from headstart.config import ExtractParams
+from headstart.records import SourceWeights, TaskMeta
 from tasks.extract import extract
 
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 extract.fn(
-    "fmnist", args["weights"], args["record"], ExtractParams(**args["params"]),
-    Path(args["data_dir"]), Path(args["root"]), taps=args["taps"], on_chunk=lambda rows: time.sleep(0.25),
+    SourceWeights.model_validate(args["weights"]), TaskMeta.model_validate(args["record"]),
+    ExtractParams(**args["params"]), Path(args["data_dir"]), Path(args["root"]), taps=args["taps"],
+    on_chunk=lambda rows: time.sleep(0.25),
 )
 """
 
@@ -168,17 +206,17 @@ def committed_rows(path: Path) -> int:
     return int(zarr.open_group(path, mode="r").attrs["rows"])
 
 
-def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: dict) -> None:
+def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: SourceWeights) -> None:
     task = make_task()
     data_dir = tmp_path / "data"
-    record = save_task(task, data_dir)
+    record = save(task, data_dir)
     killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
     taps = ["block1", "block2", "fc1"]  # every tap's array must resume from the same committed chunk
-    path = store_path(killed_root, provenance(weights["sha256"], "fmnist_cnn", taps, PRE))
+    path = store_path(killed_root, provenance(weights.sha256, "fmnist_cnn", taps, PRE))
     args = {
         "taps": taps,
-        "weights": weights,
-        "record": record,
+        "weights": weights.model_dump(mode="json"),
+        "record": record.model_dump(mode="json"),
         "params": PARAMS.model_dump(),
         "data_dir": str(data_dir),
         "root": str(killed_root),
@@ -201,14 +239,14 @@ def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: d
     group = zarr.open_group(path, mode="r")
     assert {group[f"features/{t}"].chunks[0] for t in taps} == {16}  # 0.5 MiB of block1 rows, for every tap
 
-    resumed = extract.fn("fmnist", weights, record, PARAMS, data_dir, killed_root, taps=taps)
-    assert resumed["computed"] == 300 - done
-    clean = extract.fn("fmnist", weights, record, PARAMS, data_dir, clean_root, taps=taps)
-    assert clean["computed"] == 300
+    resumed, computed = run_extract(weights, record, data_dir, killed_root, taps=taps)
+    assert computed == 300 - done and resumed.store_dir() == path
+    clean, computed = run_extract(weights, record, data_dir, clean_root, taps=taps)
+    assert computed == 300
 
     keys = row_keys(all_images(task))
-    a = FeatureStore.open(resumed["store_path"], provenance(weights["sha256"], "fmnist_cnn", taps, PRE))
-    b = FeatureStore.open(clean["store_path"], provenance(weights["sha256"], "fmnist_cnn", taps, PRE))
+    a = FeatureStore.open(resumed.store_dir(), provenance(weights.sha256, "fmnist_cnn", taps, PRE))
+    b = FeatureStore.open(clean.store_dir(), provenance(weights.sha256, "fmnist_cnn", taps, PRE))
     np.testing.assert_array_equal(a.committed_keys(), b.committed_keys())
     for tap in taps:
         fa, fb = a.read(keys, tap), b.read(keys, tap)

@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from headstart.backbones import Preprocess
+from headstart.extraction import provenance
 from headstart.fingerprint import row_keys
 from headstart.store import (
     MARKER,
@@ -18,7 +19,6 @@ from headstart.store import (
     MissingRowsError,
     ProvenanceError,
     StoreError,
-    provenance,
     rows_per_chunk,
     store_path,
 )

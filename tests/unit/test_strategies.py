@@ -10,24 +10,25 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from headstart import tracking
 from headstart.backbones import preprocess
 from headstart.checkpoints import load_model, save_weights
 from headstart.config import ExtractParams, HeadParams, RunParams, TrainParams
 from headstart.datasets import load_task
+from headstart.extraction import provenance, stored_features
 from headstart.fit import predict_logits
+from headstart.records import AdviseRecord, Recommendation, TrainRecord, absolute
 from headstart.sources import load_source
-from headstart.store import provenance
-from tasks.extract import extract
-from tasks.train import (
+from headstart.strategies import (
     above_cut,
     distinct_units,
     negative_transfer,
     partial_net,
-    stored_features,
-    train,
     train_end_to_end,
     train_partial,
 )
+from tasks.extract import extract
+from tasks.train import recipe_of, train
 from tests.unit.training_setup import PRE, Setup, prepare
 
 TAPS = ["block1", "block2", "fc1"]
@@ -39,9 +40,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     root = tmp_path_factory.mktemp("strategies")
     base = prepare(root)
     record = extract.fn(
-        source_name="fmnist",
-        weights_record=base.weights_record,
-        data_record=base.data_record,
+        weights=base.weights,
+        task_meta=base.task_meta,
         params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
         data_dir=base.data_dir,
         store_root=root / "features-taps",
@@ -54,24 +54,56 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 def features_at(setup: Setup, cut: str) -> tuple[np.ndarray, np.ndarray]:
     target = load_task(setup.data_dir, "target")
-    prov = provenance(setup.weights_record["sha256"], "fmnist_cnn", cut, PRE)
-    path = setup.extract_record["store_path"]
-    return stored_features(path, prov, target.train.images), stored_features(path, prov, target.val.images)
+    record = setup.extract_record
+    # the store is read with the provenance of this source's weights at `cut`
+    assert record.provenance_for(cut) == provenance(setup.weights.sha256, "fmnist_cnn", cut, PRE)
+    return stored_features(record, target.train.images, cut), stored_features(record, target.val.images, cut)
 
 
-def run_train(setup: Setup, name: str, out: Path, params: TrainParams | None = None, advice: dict | None = None, **run):
+def advice_of(strategy: str, cut: str) -> AdviseRecord:
+    """An advise record recommending `strategy` at `cut` (the measurements are placeholders: train reads only this)."""
+    probe = {"val_accuracy": 0.5, "val_loss": 1.0, "dims": 8, "epochs": 1}
+    return AdviseRecord(
+        source="fmnist",
+        samples_per_class=20,
+        num_classes=3,
+        probe_rows=30,
+        val_rows=15,
+        cuts={c: probe for c in TAPS},
+        untrained={c: probe for c in TAPS},
+        pixels=probe,
+        ranking=[cut, *(c for c in TAPS if c != cut)],
+        similarity=0.5,
+        thresholds={"small_per_class": 50, "similar_gain": 0.2},
+        size="small",
+        domain="similar",
+        quadrant="small target, similar domain",
+        recommendation=Recommendation(strategy=strategy, cut=cut, why="test"),
+    )
+
+
+def run_train(
+    setup: Setup, name: str, out: Path, params: TrainParams | None = None, advice: AdviseRecord | None = None, **run
+) -> TrainRecord:
     return train.fn(
         run_name=name,
         run=RunParams(source="fmnist", **run),
         source=setup.source,
         params=params or setup.params,
-        weights_record=setup.weights_record,
+        weights=setup.weights,
         extract_record=setup.extract_record,
-        data_record=setup.data_record,
+        task_meta=setup.task_meta,
         data_dir=setup.data_dir,
         out_dir=out,
         advice_record=advice,
     )
+
+
+def mlflow_run(record: TrainRecord):
+    """The MLflow run that trained the record's model (found by the model's sha256)."""
+    run_id = tracking.run_of_model(record.sha256)
+    assert run_id is not None
+    return MlflowClient().get_run(run_id)
 
 
 def state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,15 +113,17 @@ def state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("cut", ["block1", "block2"])
 def test_partial_on_stored_activations_equals_end_to_end_with_the_same_layers_frozen(setup: Setup, cut: str):
     """Same seed, same data: the stored path reproduces the end-to-end path's history and weights (float noise)."""
-    source = load_source(setup.weights_record)
+    source = load_source(setup.weights)
     target = load_task(setup.data_dir, "target")
     params = setup.params
+    recipe = recipe_of("partial", params)
+    assert recipe.optim == params.partial
     stored_net = partial_net(source, "fmnist_cnn", cut, 3, params.head, PRE, params.seed)
     images_net = partial_net(source, "fmnist_cnn", cut, 3, params.head, PRE, params.seed)
     before = state(stored_net)
     x_train, x_val = features_at(setup, cut)
-    stored = train_partial(stored_net, cut, (x_train, target.train.labels), (x_val, target.val.labels), params)
-    images = train_end_to_end(images_net, target, PRE, params, optim=params.partial)
+    stored = train_partial(stored_net, cut, (x_train, target.train.labels), (x_val, target.val.labels), recipe)
+    images = train_end_to_end(images_net, target, PRE, recipe)
 
     assert stored.epochs == images.epochs == params.partial.epochs
     for a, b in zip(stored.history, images.history, strict=True):
@@ -103,7 +137,7 @@ def test_partial_on_stored_activations_equals_end_to_end_with_the_same_layers_fr
 
 
 def test_partial_net_freezes_up_to_the_cut_and_can_reinitialise_above_it(setup: Setup):
-    source = load_source(setup.weights_record)
+    source = load_source(setup.weights)
     source_state = state(source)
     pre_net = partial_net(source, "fmnist_cnn", "block1", 3, HeadParams(), PRE, seed=0)
     rnd_net = partial_net(source, "fmnist_cnn", "block1", 3, HeadParams(), PRE, seed=0, upper_init="random")
@@ -125,43 +159,40 @@ def test_partial_net_freezes_up_to_the_cut_and_can_reinitialise_above_it(setup: 
 
 def test_partial_run_saves_a_whole_network_that_predicts_from_images(setup: Setup, tmp_path: Path):
     record = run_train(setup, "test-partial", tmp_path, strategy="partial", cut="block1")
-    assert record["strategy"] == record["trained"] == "partial" and record["cut"] == "block1"
-    assert record["baseline_val_accuracy"] is None and record["negative_transfer"] is None
-    net, spec = load_model(Path(record["path"]), record["sha256"])
+    assert record.strategy == record.trained == "partial" and record.cut == "block1"
+    assert record.baseline_val_accuracy is None and record.negative_transfer is None
+    net, spec = load_model(absolute(record.path), record.sha256)
     assert spec.cut == "fc1"
     target = load_task(setup.data_dir, "target")
     _, x_val = features_at(setup, "block1")
     from_images = predict_logits(net, target.val.images, transform=lambda x: preprocess(x, PRE))
     from_store = predict_logits(above_cut(net, "block1"), x_val)
     torch.testing.assert_close(from_images, from_store, rtol=1e-4, atol=1e-4)
-    run = MlflowClient().get_run(record["mlflow_run_id"])
-    assert (
-        run.data.params["cut"] == "block1" and run.data.tags["feature_store_key"] == setup.extract_record["store_key"]
-    )
+    run = mlflow_run(record)
+    assert run.data.params["cut"] == "block1" and run.data.tags["feature_store_key"] == setup.extract_record.store_key
 
 
 def test_a_run_may_cut_at_any_stored_tap(setup: Setup, tmp_path: Path):
     fc1 = run_train(setup, "test-frozen-fc1", tmp_path / "fc1", strategy="frozen", cut="fc1")
-    _, spec = load_model(Path(fc1["path"]), fc1["sha256"])
-    assert spec.cut == "fc1" and fc1["cut"] == "fc1"
+    _, spec = load_model(absolute(fc1.path), fc1.sha256)
+    assert spec.cut == "fc1" and fc1.cut == "fc1"
 
 
 def zero_source(setup: Setup, tmp_path: Path) -> Setup:
     """A source whose every weight is zero: its activations are all zeros, so transfer from it must lose."""
-    net = load_source(setup.weights_record)
+    net = load_source(setup.weights)
     path = tmp_path / "zero.safetensors"
     sha = save_weights({k: torch.zeros_like(v) for k, v in net.state_dict().items()}, path)
-    weights = {**setup.weights_record, "path": str(path), "uri": str(path), "sha256": sha}
+    weights = setup.weights.model_copy(update={"path": str(path), "uri": str(path), "sha256": sha})
     record = extract.fn(
-        "fmnist",
         weights,
-        setup.data_record,
+        setup.task_meta,
         ExtractParams(batch_size=32, device="cpu"),
         setup.data_dir,
         tmp_path / "features",
         taps=TAPS,
     )
-    return replace(setup, weights_record=weights, extract_record=record)
+    return replace(setup, weights=weights, extract_record=record)
 
 
 def test_negative_transfer_is_detected_tagged_and_auto_falls_back_to_scratch(setup: Setup, tmp_path: Path):
@@ -169,28 +200,28 @@ def test_negative_transfer_is_detected_tagged_and_auto_falls_back_to_scratch(set
     bad = zero_source(setup, tmp_path)
     params = setup.params.model_copy(update={"end_to_end": setup.params.end_to_end.model_copy(update={"epochs": 3})})
     frozen = run_train(bad, "test-neg-frozen", tmp_path / "frozen", params, strategy="frozen", baseline=True)
-    assert frozen["negative_transfer"] is True and frozen["trained"] == "frozen"
-    assert frozen["baseline_val_accuracy"] > frozen["transfer_val_accuracy"] == frozen["val_accuracy"]
-    tags = MlflowClient().get_run(frozen["mlflow_run_id"]).data
+    assert frozen.negative_transfer is True and frozen.trained == "frozen"
+    assert frozen.baseline_val_accuracy > frozen.transfer_val_accuracy == frozen.val_accuracy
+    tags = mlflow_run(frozen).data
     assert tags.tags["negative_transfer"] == "true"
-    assert tags.metrics["baseline_val_accuracy"] == pytest.approx(frozen["baseline_val_accuracy"])
+    assert tags.metrics["baseline_val_accuracy"] == pytest.approx(frozen.baseline_val_accuracy)
 
-    advice = {"recommendation": {"strategy": "partial", "cut": "fc1"}, "quadrant": "small target, similar domain"}
+    advice = advice_of("partial", "fc1")
     auto = run_train(bad, "test-neg-auto", tmp_path / "auto", params, advice=advice, strategy="auto")
-    assert auto["chosen"] == "partial" and auto["trained"] == "scratch" and auto["negative_transfer"] is True
-    assert auto["val_accuracy"] == auto["baseline_val_accuracy"] > auto["transfer_val_accuracy"]
-    _, spec = load_model(Path(auto["path"]), auto["sha256"])
+    assert auto.chosen == "partial" and auto.trained == "scratch" and auto.negative_transfer is True
+    assert auto.val_accuracy == auto.baseline_val_accuracy > auto.transfer_val_accuracy
+    _, spec = load_model(absolute(auto.path), auto.sha256)
     assert spec.cut == "fc1"  # the scratch network, whole
-    run = MlflowClient().get_run(auto["mlflow_run_id"]).data
+    run = mlflow_run(auto).data
     assert run.tags["auto_choice"] == "scratch" and run.tags["negative_transfer"] == "true"
 
 
 def test_auto_keeps_the_recommendation_when_it_beats_scratch(setup: Setup, tmp_path: Path):
-    advice = {"recommendation": {"strategy": "frozen", "cut": "block2"}, "quadrant": "small target, similar domain"}
+    advice = advice_of("frozen", "block2")
     auto = run_train(setup, "test-auto", tmp_path, advice=advice, strategy="auto")
-    assert auto["chosen"] == "frozen" and auto["baseline_val_accuracy"] is not None
-    assert auto["trained"] == ("scratch" if auto["negative_transfer"] else "frozen")
-    assert auto["val_accuracy"] == max(auto["transfer_val_accuracy"], auto["baseline_val_accuracy"])
+    assert auto.chosen == "frozen" and auto.baseline_val_accuracy is not None
+    assert auto.trained == ("scratch" if auto.negative_transfer else "frozen")
+    assert auto.val_accuracy == max(auto.transfer_val_accuracy, auto.baseline_val_accuracy)
     with pytest.raises(ValueError, match="needs the advise stage's record"):
         run_train(setup, "test-auto-bad", tmp_path / "bad", strategy="auto")
 
@@ -199,9 +230,9 @@ def test_auto_keeps_the_recommendation_when_it_beats_scratch(setup: Setup, tmp_p
 def test_constant_head_init_leaves_every_hidden_unit_a_copy(setup: Setup, tmp_path: Path, init: str, distinct: int):
     params = setup.params.model_copy(update={"head": HeadParams(hidden=[8], init=init)})
     record = run_train(setup, f"test-init-{init}", tmp_path, params, strategy="frozen")
-    assert record["head_distinct_units"] == distinct
-    net, _ = load_model(Path(record["path"]), record["sha256"])
+    assert record.head_distinct_units == distinct
+    net, _ = load_model(absolute(record.path), record.sha256)
     assert distinct_units(net.stages["classifier"]) == distinct
     if init == "zeros":  # no gradient reaches any weight: the head predicts one class
-        assert record["val_accuracy"] == pytest.approx(1 / 3, abs=0.07)
+        assert record.val_accuracy == pytest.approx(1 / 3, abs=0.07)
     assert distinct_units(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))) is None

@@ -14,8 +14,10 @@ from flows.sweep import cells
 from headstart import tracking
 from headstart.config import ParamsError, SweepParams, load_params, parse_params
 from headstart.datasets import Split
+from headstart.records import AdviseRecord, Recommendation
+from headstart.splits import nested_fraction
+from headstart.strategies import STORED
 from tasks.advise import probe_subset
-from tasks.data import nested_fraction
 from tasks.sweep import cell_name, subset, sweep, sweep_cut
 from tasks.sweep_report import (
     crossover,
@@ -26,7 +28,6 @@ from tasks.sweep_report import (
     table_csv,
     table_markdown,
 )
-from tasks.train import STORED
 from tests.tiny import REPO
 from tests.unit.training_setup import Setup, prepare
 
@@ -84,9 +85,9 @@ def run_cell(setup: Setup, strategy: str, fraction: float, out_dir: Path, seed: 
         "head": setup.params.head,
         "optim": setup.params.end_to_end if strategy in ("finetune", "scratch") else setup.params.frozen,
         "device": "cpu",
-        "weights_record": setup.weights_record,
+        "weights": setup.weights,
         "extract_record": setup.extract_record if strategy in STORED else None,
-        "data_record": setup.data_record,
+        "task_meta": setup.task_meta,
         "data_dir": setup.data_dir,
         "out_dir": out_dir,
     }
@@ -127,8 +128,30 @@ def test_a_cell_takes_a_cut_exactly_when_it_trains_on_stored_activations(setup: 
             run_cell(setup, "finetune", 0.5, tmp_path, cut="block2")
 
 
+def ranked(ranking: list[str]) -> AdviseRecord:
+    """An advise record whose probe ranked the cuts so (its other measurements are placeholders)."""
+    probe = {"val_accuracy": 0.5, "val_loss": 1.0, "dims": 8, "epochs": 1}
+    return AdviseRecord(
+        source="fmnist",
+        samples_per_class=20,
+        num_classes=3,
+        probe_rows=30,
+        val_rows=15,
+        cuts={c: probe for c in ranking},
+        untrained={c: probe for c in ranking},
+        pixels=probe,
+        ranking=ranking,
+        similarity=0.5,
+        thresholds={"small_per_class": 50, "similar_gain": 0.2},
+        size="small",
+        domain="similar",
+        quadrant="small target, similar domain",
+        recommendation=Recommendation(strategy="frozen", cut=ranking[0], why="test"),
+    )
+
+
 def test_best_cut_is_the_probes_first_and_a_named_cut_is_kept() -> None:
-    advice = {"ranking": ["block1", "block2", "fc1"]}
+    advice = ranked(["block1", "block2", "fc1"])
     assert sweep_cut("best", advice) == "block1"
     assert sweep_cut("fc1", advice) == "fc1"
     assert sweep_cut("fc1", None) == "fc1"

@@ -10,18 +10,28 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from headstart import tracking
 from headstart.backbones import preprocess
 from headstart.checkpoints import load_model
 from headstart.config import OptimParams, TrainParams
 from headstart.datasets import load_task
 from headstart.fingerprint import sha256_file
 from headstart.fit import predict_logits
+from headstart.records import TrainRecord, absolute
 from headstart.sources import load_source
-from tasks.train import end_to_end_net, train, train_frozen_head
+from headstart.strategies import end_to_end_net, train_frozen_head
+from tasks.train import recipe_of, train
 from tests.unit.training_setup import PRE, Setup, prepare
 
-RECORD_KEYS = {"run_name", "strategy", "source", "path", "sha256", "mlflow_run_id", "val_accuracy", "val_loss"}
-RECORD_KEYS |= {"epochs", "seconds", "outputs"}
+RECORD_KEYS = {"run_name", "strategy", "source", "path", "sha256", "val_accuracy", "val_loss", "epochs", "outputs"}
+"""The record's fields (the MLflow run is found by the model's sha256, `tracking.run_of_model`; no timings)."""
+
+
+def check_record(record: TrainRecord, strategy: str) -> None:
+    """A typed train record with the expected fields, and the MLflow run that trained its model."""
+    assert isinstance(record, TrainRecord) and set(TrainRecord.model_fields) >= RECORD_KEYS
+    assert record.strategy == strategy
+    assert tracking.run_of_model(record.sha256) is not None
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +39,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return prepare(tmp_path_factory.mktemp("train"))
 
 
-def run_train(setup: Setup, strategy: str, out_dir: Path) -> dict:
+def run_train(setup: Setup, strategy: str, out_dir: Path) -> TrainRecord:
     return train.fn(
         run_name=f"test-{strategy}",
         run=setup.params.runs[strategy],
         source=setup.source,
         params=setup.params,
-        weights_record=setup.weights_record,
+        weights=setup.weights,
         extract_record=setup.extract_record if strategy == "frozen" else None,
-        data_record=setup.data_record,
+        task_meta=setup.task_meta,
         data_dir=setup.data_dir,
         out_dir=out_dir,
     )
 
 
 @pytest.fixture(scope="module")
-def records(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def records(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainRecord]:
     root = tmp_path_factory.mktemp("runs")
     return {s: run_train(setup, s, root / s) for s in ("frozen", "finetune", "scratch")}
 
@@ -58,14 +68,16 @@ def test_frozen_head_pure_path_on_arrays():
     y = np.arange(90) % 3
     x = (np.eye(3)[y] * 4 + rng.normal(0, 1, (90, 3))).astype(np.float32)
     params = TrainParams(runs={}, frozen=OptimParams(epochs=20, batch_size=16, lr=5e-2), device="cpu")
-    head, result = train_frozen_head((x[:60], y[:60]), (x[60:], y[60:]), (3,), 3, params)
+    recipe = recipe_of("frozen", params)
+    assert recipe.optim == params.frozen and recipe.head == params.head and recipe.device == "cpu"
+    head, result = train_frozen_head((x[:60], y[:60]), (x[60:], y[60:]), 3, recipe)
     assert result.best["val_accuracy"] >= 0.9
-    again, _ = train_frozen_head((x[:60], y[:60]), (x[60:], y[60:]), (3,), 3, params)
+    again, _ = train_frozen_head((x[:60], y[:60]), (x[60:], y[60:]), 3, recipe)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
 
 
 def test_finetune_starts_pretrained_and_scratch_from_a_seeded_fresh_init(setup: Setup):
-    source = load_source(setup.weights_record)
+    source = load_source(setup.weights)
     finetune = end_to_end_net(source, "fmnist_cnn", "finetune", 3, setup.params.head, PRE, seed=0)
     scratch = end_to_end_net(source, "fmnist_cnn", "scratch", 3, setup.params.head, PRE, seed=0)
     scratch_again = end_to_end_net(source, "fmnist_cnn", "scratch", 3, setup.params.head, PRE, seed=0)
@@ -81,16 +93,16 @@ def test_finetune_starts_pretrained_and_scratch_from_a_seeded_fresh_init(setup: 
         end_to_end_net(source, "fmnist_cnn", "frozen", 3, setup.params.head, PRE, seed=0)
 
 
-def test_frozen_run_trains_only_the_head_and_predicts_from_images(setup: Setup, records: dict[str, dict]):
+def test_frozen_run_trains_only_the_head_and_predicts_from_images(setup: Setup, records: dict[str, TrainRecord]):
     record = records["frozen"]
-    assert set(record) >= RECORD_KEYS and record["strategy"] == "frozen"
-    net, spec = load_model(Path(record["path"]), record["sha256"])
+    check_record(record, "frozen")
+    net, spec = load_model(absolute(record.path), record.sha256)
     assert (
         spec.cut == "block2"
         and spec.head == setup.params.head
         and spec.class_names == ["target-0", "target-1", "target-2"]
     )
-    source = load_source(setup.weights_record)
+    source = load_source(setup.weights)
     body = state(source.upto("block2"))
     assert all(torch.equal(body[k], v) for k, v in state(net, "stages.block").items()), "frozen layers changed"
 
@@ -101,47 +113,52 @@ def test_frozen_run_trains_only_the_head_and_predicts_from_images(setup: Setup, 
     torch.testing.assert_close(from_images, from_features)
 
 
-def test_frozen_run_is_deterministic(setup: Setup, records: dict[str, dict], tmp_path: Path):
-    assert run_train(setup, "frozen", tmp_path)["sha256"] == records["frozen"]["sha256"]
+def test_frozen_run_is_deterministic(setup: Setup, records: dict[str, TrainRecord], tmp_path: Path):
+    assert run_train(setup, "frozen", tmp_path).sha256 == records["frozen"].sha256
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "scratch"])
-def test_end_to_end_runs_train_every_layer(setup: Setup, records: dict[str, dict], strategy: str):
+def test_end_to_end_runs_train_every_layer(setup: Setup, records: dict[str, TrainRecord], strategy: str):
     record = records[strategy]
-    assert set(record) >= RECORD_KEYS and record["strategy"] == strategy and record["epochs"] == 2
-    net, spec = load_model(Path(record["path"]), record["sha256"])
+    check_record(record, strategy)
+    assert record.epochs == 2
+    model_path = absolute(record.path)
+    net, spec = load_model(model_path, record.sha256)
     assert spec.cut == "fc1" and spec.dropout == 0.3  # the source model's own dropout, kept
-    source = state(load_source(setup.weights_record))
+    source = state(load_source(setup.weights))
     assert not any(torch.equal(source[k], v) for k, v in state(net, "stages.block").items())
 
-    history = json.loads((Path(record["path"]).parent / "history.json").read_text())
-    assert len(history["history"]) == record["epochs"] and history["best_epoch"] >= 1
+    history = json.loads((model_path.parent / "history.json").read_text())
+    assert len(history["history"]) == record.epochs and history["best_epoch"] >= 1
     best = history["history"][history["best_epoch"] - 1]
-    assert (best["val_accuracy"], best["val_loss"]) == (record["val_accuracy"], record["val_loss"])
-    assert {o["sha256"] for o in record["outputs"]} == {
-        sha256_file(record["path"]),
-        sha256_file(Path(record["path"]).parent / "history.json"),
+    assert (best["val_accuracy"], best["val_loss"]) == (record.val_accuracy, record.val_loss)
+    assert {o.sha256 for o in record.outputs} == {
+        sha256_file(model_path),
+        sha256_file(model_path.parent / "history.json"),
     }
+    assert record.intact()
 
 
-def test_each_run_is_one_finished_mlflow_run(setup: Setup, records: dict[str, dict]):
+def test_each_run_is_one_finished_mlflow_run(setup: Setup, records: dict[str, TrainRecord]):
     client = MlflowClient()
+    run_ids = {strategy: tracking.run_of_model(record.sha256) for strategy, record in records.items()}
     for strategy, record in records.items():
-        run = client.get_run(record["mlflow_run_id"])
+        run = client.get_run(run_ids[strategy])
         assert run.info.status == "FINISHED" and run.info.run_name == f"test-{strategy}"
         tags, params = run.data.tags, run.data.params
         assert tags["stage"] == "train" and tags["strategy"] == strategy and tags["source"] == "fmnist"
-        assert tags["weights_sha256"] == setup.weights_record["sha256"]
-        assert tags["data_fingerprint"] == setup.data_record["fingerprint"]
+        assert tags[tracking.MODEL_SHA_TAG] == record.sha256
+        assert tags["weights_sha256"] == setup.weights.sha256 == record.weights_sha256
+        assert tags["data_fingerprint"] == setup.task_meta.fingerprint
         assert ("feature_store_key" in tags) == (strategy == "frozen")
         assert params["strategy"] == strategy and params["source.cut"] == "block2" and params["head.hidden"] == "[8]"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(
-            range(1, record["epochs"] + 1)
+            range(1, record.epochs + 1)
         )
         assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert records["frozen"]["mlflow_run_id"] != records["finetune"]["mlflow_run_id"]
-    tags = client.get_run(records["frozen"]["mlflow_run_id"]).data.tags
-    assert tags["feature_store_key"] == setup.extract_record["store_key"]
+    assert run_ids["frozen"] != run_ids["finetune"]
+    tags = client.get_run(run_ids["frozen"]).data.tags
+    assert tags["feature_store_key"] == setup.extract_record.store_key
 
 
 def test_frozen_without_features_is_a_clear_error(setup: Setup, tmp_path: Path):
@@ -151,9 +168,9 @@ def test_frozen_without_features_is_a_clear_error(setup: Setup, tmp_path: Path):
             run=setup.params.runs["frozen"],
             source=setup.source,
             params=setup.params,
-            weights_record=setup.weights_record,
+            weights=setup.weights,
             extract_record=None,
-            data_record=setup.data_record,
+            task_meta=setup.task_meta,
             data_dir=setup.data_dir,
             out_dir=tmp_path,
         )

@@ -23,6 +23,7 @@ from headstart.config import SourceParams, WeightsParams
 from headstart.download import DownloadError
 from headstart.env import project_root
 from headstart.fingerprint import sha256_bytes, sha256_file
+from headstart.records import SourceWeights, WeightsRecord
 from headstart.sources import content_pin, fetch, load_source, parse_uri, torchvision_weights
 from tasks.weights import check_source, weights
 
@@ -222,8 +223,8 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_pa
     torch.save({"stages.block1.0.weight": torch.zeros(32, 1, 3, 3), "x": Payload(marker)}, path)
     assert not marker.exists()
     out = weights.fn({"evil": fmnist_source(str(path))}, FAST, tmp_path / "records", tmp_path / "cache")
-    record = out["sources"]["evil"]
-    assert record["sha256"] == sha256_file(path)
+    record = out.sources["evil"]
+    assert record.sha256 == sha256_file(path)
     with pytest.raises(CheckpointError, match="refused: not a weights-only checkpoint"):
         load_source(record)
     assert not marker.exists()
@@ -232,9 +233,9 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_pa
 def test_load_source_verifies_the_full_sha256_on_every_load(tmp_path: Path) -> None:
     net, _ = headstart_model(tmp_path / "m.safetensors")
     out = weights.fn({"s": fmnist_source(str(tmp_path / "m.safetensors"))}, FAST, tmp_path / "r", tmp_path / "c")
-    record = out["sources"]["s"]
+    record = out.sources["s"]
     assert same_weights(load_source(record), net, skip="-")
-    with open(record["path"], "r+b") as f:  # flip one byte of a tensor
+    with open(record.local(), "r+b") as f:  # flip one byte of a tensor
         f.seek(-3, 2)
         byte = f.read(1)
         f.seek(-3, 2)
@@ -248,8 +249,8 @@ def test_a_staged_checkpoint_without_a_spec_keeps_its_classifier_size(tmp_path: 
     net = create_model("fmnist_cnn", 7)
     torch.save(net.state_dict(), tmp_path / "staged.pth")
     out = weights.fn({"s": fmnist_source(str(tmp_path / "staged.pth"))}, FAST, tmp_path / "r", tmp_path / "c")
-    assert out["sources"]["s"]["preprocess"]["mean"] == [0.5]  # no spec: the architecture's defaults
-    loaded = load_source(out["sources"]["s"])
+    assert out.sources["s"].preprocess.mean == (0.5,)  # no spec: the architecture's defaults
+    loaded = load_source(out.sources["s"])
     assert loaded.stages["classifier"].out_features == 7 and same_weights(loaded, net, skip="-")
 
 
@@ -266,15 +267,26 @@ def test_a_download_is_verified_cached_recorded_and_reused(server: Server, tmp_p
 
     out = weights.fn({"remote": source}, FAST, out_dir, cache)
 
-    record = out["sources"]["remote"]
-    assert record["path"] == str((cache / sha / "model.safetensors").resolve())
-    assert record["sha256"] == sha and record["arch"] == "fmnist_cnn" and record["cut"] == "block2"
-    assert record["preprocess"] == {"image_size": 28, "channels": 1, "mean": list(SPEC_MEAN), "std": list(SPEC_STD)}
-    assert json.loads((out_dir / "remote.json").read_text()) == record
-    assert {o["path"] for o in out["outputs"]} == {str(out_dir / "remote.json"), record["path"]}
+    record = out.sources["remote"]
+    # outside the project, a record's path is absolute (inside, it would be project-relative)
+    assert record.path == str((cache / sha / "model.safetensors").resolve())
+    assert record.local() == (cache / sha / "model.safetensors").resolve()
+    assert record.sha256 == sha and record.arch == "fmnist_cnn" and record.cut == "block2"
+    assert record.source == "remote" and record.uri == source.weights
+    assert record.preprocess.model_dump(mode="json") == {
+        "image_size": 28,
+        "channels": 1,
+        "mean": list(SPEC_MEAN),
+        "std": list(SPEC_STD),
+    }
+    assert json.loads((out_dir / "remote.json").read_text()) == record.model_dump(mode="json")
+    assert SourceWeights.read(out_dir / "remote.json") == record
+    assert {o.path for o in out.outputs} == {str((out_dir / "remote.json").resolve()), record.path}
+    assert out.intact()
     assert files_under(cache) == [cache / sha / "model.safetensors"]
     assert same_weights(load_source(record), net, skip="-")
-    weights.fn({"remote": source}, FAST, out_dir, cache)
+    again = weights.fn({"remote": source}, FAST, out_dir, cache)
+    assert isinstance(again, WeightsRecord) and again.sources == out.sources
     assert server.requests == ["/w/model.safetensors"]  # the verified cached file was reused
 
 
@@ -346,10 +358,10 @@ def test_torchvision_weights_from_a_prefilled_hub_cache(torch_home: Path, tmp_pa
     sha = sha256_file(torch_home / name)
     source = SourceParams(weights="torchvision:resnet18/IMAGENET1K_V1", sha256=sha, arch="resnet18", cut="layer3")
 
-    record = weights.fn({"tv": source}, FAST, tmp_path / "r", tmp_path / "c")["sources"]["tv"]
+    record = weights.fn({"tv": source}, FAST, tmp_path / "r", tmp_path / "c").sources["tv"]
 
-    assert record["path"] == str(torch_home / name) and record["sha256"] == sha
-    assert record["preprocess"] == {
+    assert record.path == str(torch_home / name) and record.sha256 == sha
+    assert record.preprocess.model_dump(mode="json") == {
         "image_size": 28,
         "channels": 3,
         "mean": list(IMAGENET_MEAN),
@@ -383,7 +395,7 @@ def test_real_mobilenet_is_verified_by_the_known_hash_and_loads(real_mobilenet: 
     got = fetch(MOBILENET.weights, None, FAST, real_mobilenet.parent)
     assert got.sha256 == sources_mod.KNOWN_SHA256["mobilenet_v2/IMAGENET1K_V1"] == sha256_file(real_mobilenet)
     record = weights.fn({"imagenet": MOBILENET}, FAST, real_mobilenet.parent / "r", real_mobilenet.parent / "c")
-    net = load_source(record["sources"]["imagenet"])
+    net = load_source(record.sources["imagenet"])
     native = torch.load(real_mobilenet, weights_only=True)
     assert net.cut_names[-1] == "pool"
     assert torch.equal(net.stages["features_0"][0].weight, native["features.0.0.weight"])
@@ -423,10 +435,10 @@ def test_registry_models_are_fetched_verified_and_loaded(
     registered: tuple[StagedNet, str], uri: str, tmp_path: Path
 ) -> None:
     net, sha = registered
-    record = weights.fn({"reg": fmnist_source(uri)}, FAST, tmp_path / "r", tmp_path / "c")["sources"]["reg"]
-    assert record["sha256"] == sha and record["path"].startswith(str(tmp_path / "c" / sha))
-    assert (record["preprocess"]["mean"], record["preprocess"]["std"]) == (list(SPEC_MEAN), list(SPEC_STD))
-    assert files_under(tmp_path / "c") == [Path(record["path"])]  # the other artifacts were not kept
+    record = weights.fn({"reg": fmnist_source(uri)}, FAST, tmp_path / "r", tmp_path / "c").sources["reg"]
+    assert record.sha256 == sha and record.path.startswith(str(tmp_path / "c" / sha))
+    assert (record.preprocess.mean, record.preprocess.std) == (SPEC_MEAN, SPEC_STD)
+    assert files_under(tmp_path / "c") == [record.local()]  # the other artifacts were not kept
     assert same_weights(load_source(record), net, skip="-")
 
 

@@ -12,6 +12,8 @@ from headstart.backbones import Preprocess, create_model
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import ExtractParams, HeadParams, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import Split, TaskData, save_task
+from headstart.images import FMNIST_DECODE
+from headstart.records import ExtractRecord, SourceWeights, TaskMeta
 from tasks.extract import extract
 
 PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
@@ -32,7 +34,7 @@ def tiny_task(name: str, classes: int = 3, sizes: tuple[int, int, int] = (60, 15
     return TaskData(name, names, *(split(n, classes, rng) for n in sizes))
 
 
-def source_model(directory: Path, seed: int = 123, classes: int = 4) -> dict:
+def source_model(directory: Path, seed: int = 123, classes: int = 4) -> SourceWeights:
     """A saved (untrained, seeded) fmnist_cnn source model and the weights record the weights stage would write."""
     torch.manual_seed(seed)
     net = create_model("fmnist_cnn", classes, dropout=0.3)
@@ -41,15 +43,9 @@ def source_model(directory: Path, seed: int = 123, classes: int = 4) -> dict:
     )
     path = directory / "source.safetensors"
     sha256 = save_model(net, spec, path)
-    return {
-        "source": "fmnist",
-        "uri": str(path),
-        "path": str(path),
-        "sha256": sha256,
-        "arch": "fmnist_cnn",
-        "cut": "block2",
-        "preprocess": PRE.model_dump(mode="json"),
-    }
+    return SourceWeights(
+        source="fmnist", uri=str(path), path=str(path), sha256=sha256, arch="fmnist_cnn", cut="block2", preprocess=PRE
+    )
 
 
 @dataclass(frozen=True)
@@ -57,9 +53,9 @@ class Setup:
     """Everything the train and evaluate tasks take, built the way the upstream stages build it."""
 
     data_dir: Path
-    data_record: dict
-    weights_record: dict
-    extract_record: dict
+    task_meta: TaskMeta
+    weights: SourceWeights
+    extract_record: ExtractRecord
     source: SourceParams
     params: TrainParams
 
@@ -67,17 +63,16 @@ class Setup:
 def prepare(root: Path) -> Setup:
     """A 3-class target task, a source model, and its real (Zarr) feature store from the extract task."""
     data_dir = root / "data"
-    data_record = save_task(tiny_task("target", classes=3), data_dir)
-    weights_record = source_model(root)
+    task_meta = TaskMeta(**save_task(tiny_task("target", classes=3), data_dir, FMNIST_DECODE))
+    weights = source_model(root)
     extract_record = extract.fn(
-        source_name="fmnist",
-        weights_record=weights_record,
-        data_record=data_record,
+        weights=weights,
+        task_meta=task_meta,
         params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
         data_dir=data_dir,
         store_root=root / "features",
     )
-    source = SourceParams(weights=weights_record["path"], arch="fmnist_cnn", cut="block2")
+    source = SourceParams(weights=weights.path, arch="fmnist_cnn", cut="block2")
     optim = OptimParams(epochs=3, batch_size=16, lr=2e-3, patience=2)
     params = TrainParams(
         runs={s: RunParams(source="fmnist", strategy=s) for s in ("frozen", "finetune", "scratch")},
@@ -86,4 +81,4 @@ def prepare(root: Path) -> Setup:
         end_to_end=optim.model_copy(update={"epochs": 2}),
         device="cpu",
     )
-    return Setup(data_dir, data_record, weights_record, extract_record, source, params)
+    return Setup(data_dir, task_meta, weights, extract_record, source, params)

@@ -12,13 +12,12 @@ context of every task it submits, and the shards' pixels must travel only with t
 The shard task runs belong to the flow run around the extract task (`headstart run`), or stand
 alone under DVC (`headstart stage extract`).
 
-It is kept out of tasks/extract.py because that file is part of the store's provenance
-(`EXTRACTOR_CODE`): how rows are scheduled must not change which store they belong to.
+It is kept out of headstart/extraction.py because that file's import closure is the store's code
+version: how rows are scheduled must not change which store they belong to.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +34,10 @@ from prefect_dask import DaskTaskRunner
 from headstart.backbones import StagedNet
 from headstart.caching import run_logger
 from headstart.config import ExtractParams
+from headstart.extraction import segment_features, source_network
 from headstart.fit import resolve_device
-from headstart.sources import load_source
+from headstart.records import SourceWeights
 from headstart.store import FeatureStore, Shard, ShardJob, ShardsFailedError
-from tasks.extract import segment_features, weights_preprocess
 
 
 def local_cluster_kwargs(workers: int) -> dict[str, Any]:
@@ -82,7 +81,7 @@ def task_runner(params: ExtractParams) -> DaskTaskRunner:
 @lru_cache(maxsize=2)
 def _source_net(weights_record_json: str) -> StagedNet:
     """The source network, loaded (and its sha256 verified) once per worker process, not once per shard."""
-    return load_source(json.loads(weights_record_json))
+    return source_network(SourceWeights.model_validate_json(weights_record_json))
 
 
 @task(name="extract_shard", cache_policy=NO_CACHE, persist_result=False)
@@ -108,8 +107,9 @@ def extract_shard(
     torch.set_num_threads(1)
     started = time.perf_counter()
     dev = resolve_device(device)
-    net = _source_net(json.dumps(weights_record, sort_keys=True)).to(dev)
-    pre = weights_preprocess(weights_record)
+    weights = SourceWeights.model_validate(weights_record)
+    net = _source_net(weights.model_dump_json()).to(dev)
+    pre = weights.preprocess
     store = FeatureStore.open_shard_writer(store_path, store_key)
 
     def compute(positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -137,7 +137,7 @@ def extend_on_dask(
     store: FeatureStore,
     keys: np.ndarray,
     images: np.ndarray,
-    weights_record: dict,
+    weights: SourceWeights,
     taps: Sequence[str],
     params: ExtractParams,
     advance: Callable[[int], None],
@@ -165,7 +165,7 @@ def extend_on_dask(
                         "shard": job.shard,
                         "keys": keys[job.indices],
                         "images": images[job.indices],
-                        "weights_record": weights_record,
+                        "weights_record": weights.model_dump(mode="json"),
                         "taps": list(taps),
                         "batch_size": params.batch_size,
                         "device": params.device,

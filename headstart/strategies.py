@@ -1,0 +1,234 @@
+"""The training strategies: what trains, on what, from which starting point.
+
+frozen: only a new head trains, on activations stored once by the extract stage (the speed-up).
+partial: the source layers above the cut (pretrained or re-initialised) plus the head train on the
+stored activations at the cut: the same as training end to end with the layers up to it frozen.
+finetune: the source network up to its last cut plus the new head, every layer training on images.
+scratch: the same architecture and head freshly initialised: the baseline transfer must beat.
+Whatever the strategy, the trained network predicts from raw images.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from headstart.backbones import Preprocess, StagedNet, create_model, feature_shape, preprocess
+from headstart.config import Device, HeadParams, OptimParams, UpperInit
+from headstart.datasets import TaskData
+from headstart.fit import EpochCallback, FitResult, fit
+from headstart.heads import make_head
+
+STORED = ("frozen", "partial")
+"""Strategies that train on the extract stage's stored activations."""
+Features = tuple[np.ndarray, np.ndarray]
+"""Stored activations at one cut for the training and validation images."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one training needs besides its data: the new head, the optimiser, the seed and the device."""
+
+    head: HeadParams
+    optim: OptimParams
+    seed: int
+    device: Device = "auto"
+
+
+def needs_features(strategy: str) -> bool:
+    """Whether a run of this strategy reads the feature store (auto may choose a stored strategy)."""
+    return strategy in (*STORED, "auto")
+
+
+def body_dropout(body: nn.Module) -> float:
+    """The dropout rate built into the kept source stages (0 when none), recorded so the spec rebuilds them."""
+    return next((m.p for m in body.modules() if isinstance(m, nn.Dropout)), 0.0)
+
+
+def train_frozen_head(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    recipe: Recipe,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Module, FitResult]:
+    """A seeded new head trained on stored features (rows of the shape the features have)."""
+    torch.manual_seed(recipe.seed)
+    head = make_head(tuple(train[0].shape[1:]), num_classes, recipe.head)
+    return head, fit(head, train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch)
+
+
+def end_to_end_net(
+    source_net: StagedNet, arch: str, strategy: str, num_classes: int, head: HeadParams, pre: Preprocess, seed: int
+) -> StagedNet:
+    """The source's stages up to its last cut plus a new head, all trainable.
+
+    finetune keeps the pretrained weights; scratch re-initialises the very same stages the way
+    the architecture initialises itself (seeded), so the two differ only in their starting point.
+    """
+    cut = source_net.cut_names[-1]
+    torch.manual_seed(seed)
+    body = copy.deepcopy(source_net.upto(cut))
+    if strategy == "scratch":
+        body.load_state_dict(create_model(arch, num_classes).upto(cut).state_dict())
+    elif strategy != "finetune":
+        raise ValueError(f"strategy {strategy!r} does not train end to end; expected finetune or scratch")
+    net = body.with_classifier(make_head(feature_shape(body, cut, pre), num_classes, head))
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net
+
+
+def train_end_to_end(
+    net: StagedNet, target: TaskData, pre: Preprocess, recipe: Recipe, on_epoch: EpochCallback | None = None
+) -> FitResult:
+    """Train every parameter of `net` that requires grad on the target's images."""
+    return fit(
+        net,
+        (target.train.images, target.train.labels),
+        (target.val.images, target.val.labels),
+        recipe.optim,
+        recipe.seed,
+        recipe.device,
+        transform=partial(preprocess, spec=pre),
+        on_epoch=on_epoch,
+    )
+
+
+def partial_net(
+    source_net: StagedNet,
+    arch: str,
+    cut: str,
+    num_classes: int,
+    head: HeadParams,
+    pre: Preprocess,
+    seed: int,
+    upper_init: UpperInit = "pretrained",
+) -> StagedNet:
+    """The source up to its last cut plus a new head: stages up to `cut` frozen, the ones above it trainable.
+
+    The layers above the cut keep the pretrained weights, or (`random`) are re-initialised the way
+    the architecture initialises itself (seeded). The source network itself is left untouched.
+    """
+    last = source_net.cut_names[-1]
+    torch.manual_seed(seed)
+    body = copy.deepcopy(source_net.upto(last))
+    if upper_init == "random":
+        body.between(cut).load_state_dict(create_model(arch, num_classes).between(cut).state_dict())
+    elif upper_init != "pretrained":
+        raise ValueError(f"upper_init {upper_init!r}: expected pretrained or random")
+    net = body.with_classifier(make_head(feature_shape(body, last, pre), num_classes, head))
+    for p in net.parameters():
+        p.requires_grad_(True)
+    for p in net.upto(cut).parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def above_cut(net: StagedNet, cut: str) -> StagedNet:
+    """The stages after `cut`, classifier included (the same modules): what a partial run trains."""
+    names = net.stage_names
+    return StagedNet({n: net.stages[n] for n in names[names.index(cut) + 1 :]})
+
+
+def train_partial(
+    net: StagedNet,
+    cut: str,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    recipe: Recipe,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train the layers of a `partial_net` above `cut` on the stored activations at `cut` (updates `net`).
+
+    The frozen stages would compute exactly these activations every epoch, so this gives end-to-end
+    training with them frozen (`train_end_to_end` with the same recipe) without running them.
+    """
+    return fit(above_cut(net, cut), train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One strategy's trained network (it predicts from images), the cut its spec records, its history."""
+
+    strategy: str
+    net: StagedNet
+    spec_cut: str
+    result: FitResult
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.result.best["val_accuracy"]
+
+
+def train_strategy(
+    strategy: str,
+    source_net: StagedNet,
+    arch: str,
+    target: TaskData,
+    pre: Preprocess,
+    recipe: Recipe,
+    cut: str,
+    features: Features | None = None,
+    upper_init: UpperInit = "pretrained",
+    on_epoch: EpochCallback | None = None,
+) -> Trained:
+    """Train one strategy; frozen and partial need `features`, the stored activations at `cut`."""
+    if strategy in STORED:
+        if features is None:
+            raise ValueError(f"strategy {strategy!r} trains on stored activations at {cut!r}: pass `features`")
+        train_xy, val_xy = (features[0], target.train.labels), (features[1], target.val.labels)
+    if strategy == "frozen":
+        head, result = train_frozen_head(train_xy, val_xy, target.num_classes, recipe, on_epoch)
+        return Trained(strategy, source_net.upto(cut).with_classifier(head), cut, result)
+    if strategy == "partial":
+        net = partial_net(source_net, arch, cut, target.num_classes, recipe.head, pre, recipe.seed, upper_init)
+        result = train_partial(net, cut, train_xy, val_xy, recipe, on_epoch)
+        return Trained(strategy, net, net.cut_names[-1], result)
+    net = end_to_end_net(source_net, arch, strategy, target.num_classes, recipe.head, pre, recipe.seed)
+    return Trained(strategy, net, net.cut_names[-1], train_end_to_end(net, target, pre, recipe, on_epoch))
+
+
+def distinct_units(head: nn.Module) -> int | None:
+    """Distinct units of the head's first hidden layer (weights and bias, to 6 decimals); None without one.
+
+    Fewer than the layer's width means units stayed copies of each other: the symmetry a constant init causes.
+    """
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        return None
+    first = torch.cat([linears[0].weight, linears[0].bias[:, None]], dim=1).detach()
+    return len(torch.unique(torch.round(first, decimals=6), dim=0))
+
+
+def negative_transfer(transfer_val_accuracy: float, scratch_val_accuracy: float) -> bool:
+    """Transfer hurt: the scratch baseline trained on the same data scored higher on validation."""
+    return scratch_val_accuracy > transfer_val_accuracy
+
+
+def needs_baseline(strategy: str, baseline: bool, chosen: str) -> bool:
+    """A run trains a scratch baseline when asked to (or when auto) and does not already train scratch."""
+    return (baseline or strategy == "auto") and chosen != "scratch"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run keeps: its network, the transfer's validation accuracy, and with a baseline, that and the verdict."""
+
+    kept: Trained
+    transfer_val_accuracy: float
+    baseline: Trained | None = None
+    negative_transfer: bool | None = None
+
+
+def keep(trained: Trained, baseline: Trained | None, auto: bool) -> Outcome:
+    """The negative-transfer verdict against the baseline, and what is kept: auto keeps scratch when it won."""
+    if baseline is None:
+        return Outcome(trained, trained.val_accuracy)
+    lost = negative_transfer(trained.val_accuracy, baseline.val_accuracy)
+    return Outcome(baseline if lost and auto else trained, trained.val_accuracy, baseline, lost)
