@@ -11,9 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.layout import Layout
 from flows.stages import prefect_runner, run_stage, upstream
 from headstart.caching import run_logger
-from headstart.config import HeadParams, Params, RunParams
+from headstart.config import HeadParams, Params, RunParams, needs_features
 from headstart.records import AdviseRecord, ExtractRecord, SourceWeights, TaskMeta, TrainRecord
-from headstart.strategies import needs_features
 from tasks.advise import probe_table
 from tasks.train import train
 

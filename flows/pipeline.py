@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.layout import Layout
-from flows.stages import dvc_commit, prefect_runner, run_all
+from flows.stages import Recorder, dvc_commit, prefect_runner, run_all
 from flows.summary import summary_markdown, summary_rows
 from headstart.config import Params
 
@@ -18,15 +18,16 @@ from headstart.config import Params
 def transfer(params: Params | dict[str, Any], root: Path | str, commit: bool = False) -> dict[str, Any]:
     """A second run with unchanged inputs reuses every stage (content-keyed, whichever orchestrator ran it).
 
-    With `commit` (the params are the project's params.yaml, unchanged), the stages run are recorded
-    in dvc.lock, so `dvc repro` afterwards has nothing to do. A scheduled run (`headstart schedule`)
+    With `commit` (the params are the project's params.yaml, unchanged), the stages it computed are
+    recorded in dvc.lock, so `dvc repro` afterwards has nothing to do. A scheduled run (`headstart schedule`)
     gets the params as the JSON its deployment stores.
     """
     params = Params.model_validate(params)
     lay = Layout(Path(root))
-    records, ran = run_all(params, lay, prefect_runner)
+    runner = Recorder(prefect_runner)
+    records = run_all(params, lay, runner)
     if commit:
-        dvc_commit(lay, ran)
+        dvc_commit(lay, runner.computed)
     result = summary_rows(records, params)
     create_markdown_artifact(summary_markdown(result), key="transfer-summary", description="headstart run summary")
     return result

@@ -49,6 +49,8 @@ R = TypeVar("R", bound=StageRecord)
 def _intact(result: Any) -> bool:
     if isinstance(result, StageRecord):
         return result.intact()
+    if isinstance(result, Record):  # a record of content that lists no files (the raw stage's)
+        return True
     if isinstance(result, dict):  # sweep cells: plain dicts with the same `outputs` entries
         return all(Output.model_validate(o).intact() for o in result.get("outputs", []))
     return False
@@ -66,6 +68,32 @@ def prefect_runner(task: Any, **kwargs: Any) -> Any:
 def plain_runner(task: Any, **kwargs: Any) -> Any:
     """Run the task body without Prefect (DVC decides what reruns)."""
     return task.fn(**kwargs)
+
+
+def dvc_stage(task_name: str, kwargs: dict[str, Any]) -> str:
+    """The DVC stage (dvc.yaml) a task call is: `extract@fmnist`, `train@fmnist-frozen`, `data`."""
+    if "run_name" in kwargs:
+        return f"{task_name}@{kwargs['run_name']}"
+    if "weights" in kwargs and task_name in ("extract", "advise"):
+        return f"{task_name}@{kwargs['weights'].source}"
+    return task_name
+
+
+class Recorder:
+    """A runner that remembers the DVC stages it computed: what `dvc commit` must record afterwards.
+
+    A stage found up to date on disk was recorded by whoever made it (`dvc repro`, or an earlier
+    `headstart run` and its commit), so committing only what this run computed keeps a warm run cheap.
+    """
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.computed: list[str] = []
+
+    def __call__(self, task: Any, **kwargs: Any) -> Any:
+        if task.name != "raw":  # always recomputed, and always_changed in dvc.yaml: nothing to record
+            self.computed.append(dvc_stage(task.name, kwargs))
+        return self.runner(task, **kwargs)
 
 
 def current(path: Path, kind: type[R], key: str) -> R | None:
@@ -169,48 +197,38 @@ def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> 
     )  # fmt: skip
 
 
-def upstream(
-    params: Params, lay: Layout, runner: Runner, sources: Sequence[str], advised: Sequence[str] = ()
-) -> list[str]:
+def upstream(params: Params, lay: Layout, runner: Runner, sources: Sequence[str], advised: Sequence[str] = ()) -> None:
     """The pipeline up to the feature stores, in its one order: raw, data, pretrain, weights, extract, advise.
 
     Every flow (the pipeline, the advisor, compare-init, the sweep) brings its inputs up to date
-    through this function. Returns the DVC stage names it ran or found current.
+    through this function.
     """
     run_raw(params, lay, runner)
     run_data(params, lay, runner)
-    ran = ["raw", "data"]
     if needs_pretrain(params):
         run_pretrain(params, lay, runner)
-        ran.append("pretrain")
     run_weights(params, lay, runner)
-    ran.append("weights")
     for name in sources:
         run_extract(params, lay, runner, name)
-        ran.append(f"extract@{name}")
     for name in advised:
         run_advise(params, lay, runner, name)
-        ran.append(f"advise@{name}")
-    return ran
 
 
-def run_all(params: Params, lay: Layout, runner: Runner) -> tuple[dict[str, Any], list[str]]:
-    """The whole pipeline, the same stages as dvc.yaml; returns what the summary shows and the stages run."""
+def run_all(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
+    """The whole pipeline, the same stages as dvc.yaml (every source extracted and advised); its records."""
     sources = sorted(params.sources)
-    ran = upstream(params, lay, runner, sources, sources)
-    runs = {}
-    for run_name in params.train.runs:
-        trained = run_train(params, lay, runner, run_name)
-        runs[run_name] = (trained, run_evaluate(params, lay, runner, run_name))
-        ran += [f"train@{run_name}", f"evaluate@{run_name}"]
+    upstream(params, lay, runner, sources, sources)
+    runs = {
+        name: (run_train(params, lay, runner, name), run_evaluate(params, lay, runner, name))
+        for name in params.train.runs
+    }
     source = PretrainRecord.read(lay.source_model / "record.json") if needs_pretrain(params) else None
-    result = {
+    return {
         "data": DataRecord.read(lay.data_record),
         "sources": WeightsRecord.read(lay.weights_record).sources,
         "source": source,
         "runs": runs,
     }
-    return result, ran
 
 
 def dvc_commit(lay: Layout, stages: Sequence[str]) -> bool:
@@ -219,12 +237,13 @@ def dvc_commit(lay: Layout, stages: Sequence[str]) -> bool:
     Only in a DVC project whose params.yaml the run used unchanged (the caller checks that): the
     outputs are then exactly what `dvc repro` would have made, byte for byte.
     """
-    if not (lay.root / ".dvc").is_dir() or not (lay.root / "dvc.yaml").is_file():
+    if not stages or not (lay.root / ".dvc").is_dir() or not (lay.root / "dvc.yaml").is_file():
         return False
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", "commit", "--force", "--quiet", *stages]
     proc = subprocess.run(cmd, cwd=lay.root, capture_output=True, text=True)
     if proc.returncode != 0:
-        run_logger().warning("dvc commit failed (dvc repro will recompute): %s", proc.stderr.strip()[-2000:])
+        output = (proc.stdout + proc.stderr).strip()[-2000:]
+        run_logger().warning("dvc commit failed (dvc repro will recompute): %s", output)
         return False
     return True

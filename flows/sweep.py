@@ -17,9 +17,8 @@ from flows.layout import Layout
 from flows.stages import Runner, prefect_runner, upstream
 from headstart import tracking
 from headstart.caching import run_logger, stage_key
-from headstart.config import BEST_CUT, Params, SweepParams
+from headstart.config import BEST_CUT, STORED, Params, SweepParams
 from headstart.records import AdviseRecord, ExtractRecord, SourceWeights, TaskMeta
-from headstart.strategies import STORED
 from tasks.sweep import sweep, sweep_cut
 from tasks.sweep_report import sweep_report
 from tasks.train import optim_of

@@ -18,6 +18,13 @@ Strategy = Literal["frozen", "partial", "finetune", "scratch", "auto"]
 UpperInit = Literal["pretrained", "random"]
 HeadInit = Literal["kaiming", "xavier", "zeros", "ones"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+STORED = ("frozen", "partial")
+"""Strategies that train on the extract stage's stored activations."""
+
+
+def needs_features(strategy: str) -> bool:
+    """Whether a run of this strategy reads the feature store (auto may choose a stored strategy)."""
+    return strategy in (*STORED, "auto")
 
 
 class ParamsError(ValueError):

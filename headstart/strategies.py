@@ -19,13 +19,11 @@ import torch
 from torch import nn
 
 from headstart.backbones import Preprocess, StagedNet, create_model, feature_shape, preprocess
-from headstart.config import Device, HeadParams, OptimParams, UpperInit
+from headstart.config import STORED, Device, HeadParams, OptimParams, UpperInit
 from headstart.datasets import TaskData
 from headstart.fit import EpochCallback, FitResult, fit
 from headstart.heads import make_head
 
-STORED = ("frozen", "partial")
-"""Strategies that train on the extract stage's stored activations."""
 Features = tuple[np.ndarray, np.ndarray]
 """Stored activations at one cut for the training and validation images."""
 
@@ -38,11 +36,6 @@ class Recipe:
     optim: OptimParams
     seed: int
     device: Device = "auto"
-
-
-def needs_features(strategy: str) -> bool:
-    """Whether a run of this strategy reads the feature store (auto may choose a stored strategy)."""
-    return strategy in (*STORED, "auto")
 
 
 def body_dropout(body: nn.Module) -> float:

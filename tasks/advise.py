@@ -26,7 +26,7 @@ from prefect import task
 from headstart import tracking
 from headstart.backbones import Preprocess, create_model
 from headstart.caching import cached, run_logger
-from headstart.config import AdviseParams, HeadParams
+from headstart.config import AdviseParams, HeadParams, needs_features
 from headstart.datasets import TaskData, load_task
 from headstart.extraction import segment_features, stored_features
 from headstart.files import atomic_write
@@ -34,7 +34,6 @@ from headstart.fit import fit
 from headstart.heads import make_head
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction
-from headstart.strategies import needs_features
 
 PIXELS = "pixels"
 """The probe's other reference input: the raw target images, no network at all."""

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from headstart import tracking
 from headstart.backbones import Preprocess, StagedNet, preprocess
 from headstart.caching import cached, run_logger
-from headstart.config import BEST_CUT, Device, HeadParams, OptimParams, SweepStrategy, UpperInit
+from headstart.config import BEST_CUT, STORED, Device, HeadParams, OptimParams, SweepStrategy, UpperInit
 from headstart.datasets import Split, TaskData, load_task
 from headstart.extraction import source_network, stored_features
 from headstart.files import atomic_write
@@ -31,7 +31,6 @@ from headstart.metrics import accuracy
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction
 from headstart.strategies import (
-    STORED,
     Recipe,
     end_to_end_net,
     partial_net,

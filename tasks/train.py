@@ -16,7 +16,7 @@ from headstart import tracking
 from headstart.backbones import CLASSIFIER
 from headstart.caching import cached, run_logger
 from headstart.checkpoints import ModelSpec, save_model
-from headstart.config import OptimParams, RunParams, SourceParams, TrainParams
+from headstart.config import STORED, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import TaskData, load_task
 from headstart.extraction import source_network, stored_features
 from headstart.files import atomic_write
@@ -24,7 +24,6 @@ from headstart.fit import FitResult
 from headstart.metrics import curves_figure
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta, TrainRecord, relative
 from headstart.strategies import (
-    STORED,
     Outcome,
     Recipe,
     Trained,
@@ -86,12 +85,17 @@ def model_spec(
     )
 
 
+def epochs(result: FitResult) -> list[dict[str, float]]:
+    """Per-epoch metrics without their timings: the same training gives the same bytes."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+
+
 def history(outcome: Outcome) -> dict:
     """history.json: the kept network's epochs, and the baseline's when there was one (content only: no timings)."""
     result = outcome.kept.result
-    out = {"best_epoch": result.best_epoch, "epochs": result.epochs, "history": result.history}
+    out = {"best_epoch": result.best_epoch, "epochs": result.epochs, "history": epochs(result)}
     if outcome.baseline is not None:
-        out["baseline"] = {"best_epoch": outcome.baseline.result.best_epoch, "history": outcome.baseline.result.history}
+        out["baseline"] = {"best_epoch": outcome.baseline.result.best_epoch, "history": epochs(outcome.baseline.result)}
     return out
 
 

@@ -12,7 +12,17 @@ import yaml
 
 from tests.tiny import REPO, install_mobilenet
 
-PROJECT_FILES = ("headstart", "tasks", "flows", "sweep", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+PROJECT_FILES = (
+    "headstart",
+    "tasks",
+    "flows",
+    "sweep",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+)
 BIN = Path(sys.executable).parent
 
 

@@ -6,6 +6,7 @@ changes that must recompute exactly what they touch.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,19 @@ def test_cold_run_computes_every_stage_and_logs_every_training(project: dict[str
     assert mlflow.MlflowClient().get_model_version_by_alias("fmnist-transfer", "champion") is not None
 
 
-def test_second_run_with_nothing_changed_computes_nothing(project: dict[str, Any]) -> None:
-    result, states = run_flow(project["root"], project["raw"])
-    assert computed(states) == set(), states
-    assert sum(states.values()) > 0
+def test_second_run_with_nothing_changed_computes_nothing(
+    project: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        result, states = run_flow(project["root"], project["raw"])
+    assert computed(states) == ALWAYS, states
+    assert states == Counter({("raw", "Completed"): 1})  # no other stage even started a task run
+    # ... because each found its record on disk current: every stage of the pipeline, once per source or run
+    found = Counter(r.getMessage().split(":", 1)[0] for r in caplog.records if "up to date (" in r.getMessage())
+    sources, runs = len(project["raw"]["sources"]), len(project["raw"]["train"]["runs"])
+    assert found == Counter(
+        {"data": 1, "pretrain": 1, "weights": 1, "extract": sources, "advise": sources, "train": runs, "evaluate": runs}
+    )
     for name, record in result["runs"].items():
         assert record["test_accuracy"] == project["first"]["runs"][name]["test_accuracy"]
 
@@ -77,7 +87,7 @@ def test_deleted_output_is_recomputed_not_trusted(project: dict[str, Any]) -> No
     result, states = run_flow(project["root"], project["raw"])
     assert model.is_file()
     assert ("train", "Completed") in states
-    assert {"data", "pretrain", "weights", "extract"}.isdisjoint(computed(states))
+    assert {"data", "pretrain", "weights", "extract", "advise"}.isdisjoint(computed(states))
     assert (
         result["runs"]["fmnist-scratch"]["test_accuracy"] == project["first"]["runs"]["fmnist-scratch"]["test_accuracy"]
     )
@@ -89,4 +99,4 @@ def test_head_change_recomputes_only_training_and_evaluation(project: dict[str, 
         "train": {**project["raw"]["train"], "head": {"hidden": [16], "dropout": 0.0, "init": "kaiming"}},
     }
     _, states = run_flow(project["root"], raw)
-    assert computed(states) == {"train", "evaluate"}
+    assert computed(states) == ALWAYS | {"train", "evaluate"}

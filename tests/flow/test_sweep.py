@@ -22,9 +22,8 @@ from prefect.client.orchestration import get_client
 from flows import stages
 from flows.layout import Layout
 from flows.sweep import fraction_sweep
-from headstart.config import Params, parse_params
+from headstart.config import STORED, Params, parse_params
 from headstart.records import AdviseRecord
-from headstart.strategies import STORED
 from tasks.sweep import cell_name
 from tests.states import task_states
 from tests.tiny import tiny_params, write_tiny_fmnist
@@ -63,8 +62,9 @@ def project(project_root: Path) -> Iterator[dict[str, Any]]:
     assert params.sweep.strategies == STRATEGIES and params.sweep.cut == "best"
     assert params.sweep.fractions == FRACTIONS and params.sweep.seeds == [0]
     lay = Layout(project_root)
-    ran = stages.upstream(params, lay, stages.plain_runner, ["fmnist"], advised=["fmnist"])
-    assert ran == ["raw", "data", "pretrain", "weights", "extract@fmnist", "advise@fmnist"]
+    runner = stages.Recorder(stages.plain_runner)
+    stages.upstream(params, lay, runner, ["fmnist"], advised=["fmnist"])
+    assert runner.computed == ["data", "pretrain", "weights", "extract@fmnist", "advise@fmnist"]
     advice = AdviseRecord.read(lay.advice_record("fmnist"))
     yield {"root": project_root, "raw": raw, "params": params, "lay": lay, "advice": advice}
     for record in upstream_records(lay, "fmnist"):

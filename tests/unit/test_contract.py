@@ -65,7 +65,12 @@ def test_the_import_closure_follows_lazy_imports_and_packages() -> None:
 def test_the_store_key_covers_every_file_that_decides_an_activation() -> None:
     core = set(stage_code("headstart/extraction.py"))
     # the files issue 11 found missing from the hand-written list: a change there served old features
-    assert {"headstart/checkpoints.py", "headstart/sources.py", "headstart/fingerprint.py", "headstart/store.py"} <= core
+    assert {
+        "headstart/checkpoints.py",
+        "headstart/sources.py",
+        "headstart/fingerprint.py",
+        "headstart/store.py",
+    } <= core
     assert "headstart/dask_extract.py" not in core, "how rows are scheduled must not change which store they are in"
 
 
@@ -94,7 +99,9 @@ def _committed(name: str) -> dict:
     return yaml.safe_load((PROJECT / name).read_text())
 
 
-@pytest.mark.parametrize(("name", "build"), [("dvc.yaml", dvcyaml.pipeline), ("sweep/dvc.yaml", dvcyaml.sweep_pipeline)])
+@pytest.mark.parametrize(
+    ("name", "build"), [("dvc.yaml", dvcyaml.pipeline), ("sweep/dvc.yaml", dvcyaml.sweep_pipeline)]
+)
 def test_dvc_yaml_is_what_the_code_says(name: str, build) -> None:
     assert (PROJECT / name).read_text() == dvcyaml.render(build()), f"{name} is stale: run `headstart dvc-yaml`"
 
@@ -149,3 +156,22 @@ def test_outs_are_the_paths_the_stages_write(tmp_path: Path) -> None:
     assert lay.train_record("${key}").as_posix() in outs["train"]
     assert lay.evaluate_record("${key}").as_posix() in outs["evaluate"]
     assert "sweep" not in outs, "a plain `dvc repro` runs the pipeline, not the sweep"
+
+
+def test_the_stages_a_prefect_run_commits_are_named_as_in_dvc_yaml() -> None:
+    from flows.stages import dvc_stage
+    from headstart.backbones import Preprocess
+    from headstart.records import SourceWeights
+
+    weights = SourceWeights(
+        source="fmnist", uri="u", path="p", sha256="0" * 64, arch="fmnist_cnn", cut="block2",
+        preprocess=Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,)),
+    )  # fmt: skip
+    stages = _committed("dvc.yaml")["stages"]
+    assert dvc_stage("data", {}) == "data" and "data" in stages
+    assert (
+        dvc_stage("extract", {"weights": weights}) == "extract@fmnist" and stages["extract"]["foreach"] == "${sources}"
+    )
+    assert dvc_stage("advise", {"weights": weights}) == "advise@fmnist" and stages["advise"]["foreach"] == "${sources}"
+    assert dvc_stage("train", {"run_name": "fmnist-frozen", "weights": weights}) == "train@fmnist-frozen"
+    assert stages["train"]["foreach"] == stages["evaluate"]["foreach"] == "${train.runs}"

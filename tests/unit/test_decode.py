@@ -51,7 +51,9 @@ def test_training_predict_and_the_served_model_see_the_same_tensor(folder: Path,
     target = load_task(tmp_path / "prepared", "target")
     stored = np.concatenate([target.train.images, target.val.images, target.test.images])
     pre = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
-    spec = ModelSpec(arch="fmnist_cnn", num_classes=2, class_names=["cats", "dogs"], preprocess=pre, decode=record.target.decode)
+    spec = ModelSpec(
+        arch="fmnist_cnn", num_classes=2, class_names=["cats", "dogs"], preprocess=pre, decode=record.target.decode
+    )
     torch.manual_seed(0)
     net = create_model("fmnist_cnn", 2)
     net.eval()

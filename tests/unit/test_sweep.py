@@ -12,11 +12,10 @@ from mlflow import MlflowClient
 
 from flows.sweep import cells
 from headstart import tracking
-from headstart.config import ParamsError, SweepParams, load_params, parse_params
+from headstart.config import STORED, ParamsError, SweepParams, load_params, parse_params
 from headstart.datasets import Split
 from headstart.records import AdviseRecord, Recommendation
 from headstart.splits import nested_fraction
-from headstart.strategies import STORED
 from tasks.advise import probe_subset
 from tasks.sweep import cell_name, subset, sweep, sweep_cut
 from tasks.sweep_report import (
