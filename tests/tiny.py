@@ -14,7 +14,7 @@ import yaml
 
 from headstart.backbones import Preprocess, create_model
 from headstart.checkpoints import save_weights
-from headstart.records import SourceWeights
+from headstart.records import AdviseRecord, Recommendation, SourceWeights
 
 REPO = Path(__file__).resolve().parent.parent
 MOBILENET = REPO / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
@@ -92,4 +92,29 @@ def random_cnn_weights(path: Path, pre: Preprocess) -> SourceWeights:
     sha = save_weights(create_model("fmnist_cnn", 5).state_dict(), path)
     return SourceWeights(
         source="fmnist", uri=str(path), path=str(path), sha256=sha, arch="fmnist_cnn", cut="block2", preprocess=pre
+    )
+
+
+def placeholder_advice(ranking: list[str], strategy: str = "frozen") -> AdviseRecord:
+    """An advise record whose probe ranked the cuts so and that recommends `strategy` at the first one.
+
+    Its other measurements are placeholders: readers of a recommendation or a ranking need only those.
+    """
+    probe = {"val_accuracy": 0.5, "val_loss": 1.0, "dims": 8, "epochs": 1}
+    return AdviseRecord(
+        source="fmnist",
+        samples_per_class=20,
+        num_classes=3,
+        probe_rows=30,
+        val_rows=15,
+        cuts={c: probe for c in ranking},
+        untrained={c: probe for c in ranking},
+        pixels=probe,
+        ranking=ranking,
+        similarity=0.5,
+        thresholds={"small_per_class": 50, "similar_gain": 0.2},
+        size="small",
+        domain="similar",
+        quadrant="small target, similar domain",
+        recommendation=Recommendation(strategy=strategy, cut=ranking[0], why="test"),
     )

@@ -17,7 +17,7 @@ from headstart.config import ExtractParams, HeadParams, RunParams, TrainParams
 from headstart.datasets import load_task
 from headstart.extraction import provenance, stored_features
 from headstart.fit import predict_logits
-from headstart.records import AdviseRecord, Recommendation, TrainRecord, absolute
+from headstart.records import AdviseRecord, TrainRecord, absolute
 from headstart.sources import load_source
 from headstart.strategies import (
     above_cut,
@@ -29,6 +29,7 @@ from headstart.strategies import (
 )
 from tasks.extract import extract
 from tasks.train import recipe_of, train
+from tests.tiny import placeholder_advice
 from tests.unit.training_setup import PRE, Setup, prepare
 
 TAPS = ["block1", "block2", "fc1"]
@@ -61,25 +62,8 @@ def features_at(setup: Setup, cut: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def advice_of(strategy: str, cut: str) -> AdviseRecord:
-    """An advise record recommending `strategy` at `cut` (the measurements are placeholders: train reads only this)."""
-    probe = {"val_accuracy": 0.5, "val_loss": 1.0, "dims": 8, "epochs": 1}
-    return AdviseRecord(
-        source="fmnist",
-        samples_per_class=20,
-        num_classes=3,
-        probe_rows=30,
-        val_rows=15,
-        cuts={c: probe for c in TAPS},
-        untrained={c: probe for c in TAPS},
-        pixels=probe,
-        ranking=[cut, *(c for c in TAPS if c != cut)],
-        similarity=0.5,
-        thresholds={"small_per_class": 50, "similar_gain": 0.2},
-        size="small",
-        domain="similar",
-        quadrant="small target, similar domain",
-        recommendation=Recommendation(strategy=strategy, cut=cut, why="test"),
-    )
+    """An advise record recommending `strategy` at `cut` (train reads only the recommendation)."""
+    return placeholder_advice([cut, *(c for c in TAPS if c != cut)], strategy)
 
 
 def run_train(

@@ -14,7 +14,7 @@ from flows.sweep import cells
 from headstart import tracking
 from headstart.config import STORED, ParamsError, SweepParams, load_params, parse_params
 from headstart.datasets import Split
-from headstart.records import AdviseRecord, Recommendation
+from headstart.records import AdviseRecord
 from headstart.splits import nested_fraction
 from tasks.advise import probe_subset
 from tasks.sweep import cell_name, subset, sweep, sweep_cut
@@ -27,7 +27,7 @@ from tasks.sweep_report import (
     table_csv,
     table_markdown,
 )
-from tests.tiny import REPO
+from tests.tiny import REPO, placeholder_advice
 from tests.unit.training_setup import Setup, prepare
 
 
@@ -129,24 +129,7 @@ def test_a_cell_takes_a_cut_exactly_when_it_trains_on_stored_activations(setup: 
 
 def ranked(ranking: list[str]) -> AdviseRecord:
     """An advise record whose probe ranked the cuts so (its other measurements are placeholders)."""
-    probe = {"val_accuracy": 0.5, "val_loss": 1.0, "dims": 8, "epochs": 1}
-    return AdviseRecord(
-        source="fmnist",
-        samples_per_class=20,
-        num_classes=3,
-        probe_rows=30,
-        val_rows=15,
-        cuts={c: probe for c in ranking},
-        untrained={c: probe for c in ranking},
-        pixels=probe,
-        ranking=ranking,
-        similarity=0.5,
-        thresholds={"small_per_class": 50, "similar_gain": 0.2},
-        size="small",
-        domain="similar",
-        quadrant="small target, similar domain",
-        recommendation=Recommendation(strategy="frozen", cut=ranking[0], why="test"),
-    )
+    return placeholder_advice(ranking)
 
 
 def test_best_cut_is_the_probes_first_and_a_named_cut_is_kept() -> None:
