@@ -116,14 +116,7 @@ def dvc_yaml(
     from flows import dvcyaml
 
     if check:
-        stale = [
-            p
-            for p, c in (
-                (ROOT / "dvc.yaml", dvcyaml.pipeline()),
-                (ROOT / "sweep" / "dvc.yaml", dvcyaml.sweep_pipeline()),
-            )
-            if not p.is_file() or p.read_text() != dvcyaml.render(c)
-        ]
+        stale = dvcyaml.stale(ROOT)
         for path in stale:
             typer.echo(f"{path}: differs from the code; run `headstart dvc-yaml`", err=True)
         raise typer.Exit(1 if stale else 0)

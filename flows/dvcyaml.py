@@ -194,13 +194,21 @@ def render(pipeline_dict: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(pipeline_dict, sort_keys=False, width=120)
 
 
+def files(root: Path) -> dict[Path, str]:
+    """The pipeline files under `root` and the text the code says they hold."""
+    return {root / "dvc.yaml": render(pipeline()), root / "sweep" / "dvc.yaml": render(sweep_pipeline())}
+
+
+def stale(root: Path) -> list[Path]:
+    """The pipeline files under `root` that differ from what the code says."""
+    return [path for path, text in files(root).items() if not path.is_file() or path.read_text() != text]
+
+
 def write(root: Path) -> list[Path]:
     """Write dvc.yaml and sweep/dvc.yaml under `root`; returns the files whose content changed."""
-    changed = []
-    for path, content in ((root / "dvc.yaml", pipeline()), (root / "sweep" / "dvc.yaml", sweep_pipeline())):
-        text = render(content)
-        if not path.is_file() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            changed.append(path)
+    changed = stale(root)
+    texts = files(root)
+    for path in changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(texts[path])
     return changed

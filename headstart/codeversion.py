@@ -68,9 +68,7 @@ def import_closure(path: str) -> tuple[str, ...]:
 
 def stage_code(module_path: str) -> tuple[str, ...]:
     """The files a stage's task module runs, without empty package markers (they decide nothing)."""
-    return tuple(
-        p for p in import_closure(module_path) if (PROJECT / p).stat().st_size > 0 or not p.endswith("__init__.py")
-    )
+    return tuple(p for p in import_closure(module_path) if (PROJECT / p).stat().st_size > 0)
 
 
 @cache
