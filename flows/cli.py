@@ -37,10 +37,12 @@ def _load(params_file: Path, sets: list[str] | None) -> Params:
             raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE, e.g. train.head.init=zeros")
         overrides[key] = yaml.safe_load(value)
     try:
-        return load_params(params_file, overrides)
+        params = load_params(params_file, overrides)
     except ParamsError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = params.name  # every stage logs to the project's experiment
+    return params
 
 
 def _logging() -> None:
@@ -48,6 +50,30 @@ def _logging() -> None:
 
 
 @app.command()
+def init(
+    dest: Annotated[Path, typer.Argument(help="The new project's folder (absent or empty).")],
+    images: Annotated[
+        Path | None, typer.Option(help="Your images: one sub-folder per class (or train/, val/, test/ of them).")
+    ] = None,
+    example: Annotated[str | None, typer.Option(help="An example project instead: fashion-mnist.")] = None,
+    backbone: Annotated[
+        str, typer.Option(help="mobilenet_v2, mobilenet_v3_small or resnet18 (ImageNet).")
+    ] = "mobilenet_v2",
+    image_size: Annotated[int, typer.Option(min=32, max=512, help="Side the images are cropped to.")] = 224,
+) -> None:
+    """Make a ready project (git, DVC, params, dvc.yaml) from a folder of images; then `headstart run` in it."""
+    from flows.init import init_project
+
+    try:
+        init_project(dest, images, example, backbone, image_size)
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"created {dest}: git and DVC initialised{', images/ tracked by DVC' if images else ''}")
+    typer.echo(f"next:\n  cd {dest}\n  headstart run\n  headstart predict <image or folder>")
+
+
+@app.command(epilog="Every key of params.yaml is documented in docs/params.md.")
 def run(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged inputs are reused from the cache."""
     params = _load(params_file, set_)
@@ -101,8 +127,11 @@ def stage(
     if name in plain:
         plain[name](params, lay, stages.plain_runner)
     elif name in per_item:
-        if item is None:
-            raise typer.BadParameter(f"stage {name!r} needs a source or run name")
+        known = sorted(params.sources) if name in ("extract", "advise") else sorted(params.train.runs)
+        kind = "source" if name in ("extract", "advise") else "run"
+        if item not in known:
+            typer.echo(f"error: stage {name} needs a {kind} name: got {item!r}, expected one of {known}", err=True)
+            raise typer.Exit(2)
         per_item[name](params, lay, stages.plain_runner, item)
     else:
         raise typer.BadParameter(f"unknown stage {name!r}; expected one of {sorted({**plain, **per_item})}")
@@ -172,8 +201,12 @@ def compare_init(
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="PNG/JPEG files, folders of them, or IDX image files.")],
     model: Annotated[
-        str, typer.Option(help="models:/<name>@<alias>, models:/<name>/<version>, or a model .safetensors file.")
-    ] = "models:/fmnist-transfer@champion",
+        str | None,
+        typer.Option(
+            help="models:/<name>@<alias>, models:/<name>/<version>, or a model .safetensors file; "
+            "default: the project's champion (models:/<evaluate.register_as>@champion)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON array of image, class, probability.")] = False,
 ) -> None:
     """Class and probability per image, preprocessed exactly as the model was trained (its stored spec)."""
@@ -182,6 +215,14 @@ def predict(
     from flows.layout import Layout
     from flows.predict import format_table, predict_files
 
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        typer.echo(f"error: no such file or folder: {', '.join(missing)}", err=True)
+        raise typer.Exit(2)
+    if model is None:
+        params_path = ROOT / "params.yaml"
+        name = load_params(params_path).evaluate.register_as if params_path.is_file() else "fmnist-transfer"
+        model = f"models:/{name}@champion"
     try:
         rows, sha256 = predict_files(model, inputs, Layout(ROOT).weights_cache)
     except (FileNotFoundError, LookupError, ValueError) as err:

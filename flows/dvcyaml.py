@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.layout import Layout
-from headstart.codeversion import stage_code
+from headstart.codeversion import PROJECT, stage_code
+from headstart.config import Params, load_params
 
 SOURCE, RUN = "${key}", "${key}"
 """foreach placeholders: the source (extract, advise) or the run (train, evaluate) a stage is for."""
@@ -29,8 +30,10 @@ def _rel(path: Path) -> str:
     return path.as_posix()
 
 
-def _code(stage: str) -> list[str]:
-    return list(stage_code(f"tasks/{stage}.py"))
+def _stage_code(stage: str, external: bool = False) -> list[str]:
+    """The stage's code files: relative in the code's checkout, absolute for a project elsewhere (`headstart init`)."""
+    files = stage_code(f"tasks/{stage}.py")
+    return [str(PROJECT / f) for f in files] if external else list(files)
 
 
 def _uncached(*paths: Path) -> list[dict[str, dict[str, bool]]]:
@@ -42,9 +45,17 @@ def _task_files(lay: Layout, task: str) -> list[str]:
     return [_rel(lay.data / f"{task}.npz"), _rel(lay.task_meta(task))]
 
 
-def pipeline(with_pretrain: bool = True) -> dict[str, Any]:
-    """The stages of `headstart run`, in its order (flows/stages.upstream, then train and evaluate per run)."""
+def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, Any]:
+    """The stages of `headstart run`, in its order (flows/stages.upstream, then train and evaluate per run).
+
+    Without pretraining there is no source task and no pretrain stage; `external`: the code lives
+    outside the project (an installed headstart), so its files are absolute deps.
+    """
     lay = Layout(Path("."))
+
+    def _code(stage: str) -> list[str]:
+        return _stage_code(stage, external)
+
     stages: dict[str, Any] = {
         "raw": {
             "cmd": "python -m flows.cli stage raw",
@@ -57,7 +68,11 @@ def pipeline(with_pretrain: bool = True) -> dict[str, Any]:
             "cmd": "python -m flows.cli stage data",
             "deps": [*_code("data"), _rel(lay.raw_record)],
             "params": ["data"],
-            "outs": [*_task_files(lay, "source"), *_task_files(lay, "target"), *_uncached(lay.data_record)],
+            "outs": [
+                *(_task_files(lay, "source") if with_pretrain else []),
+                *_task_files(lay, "target"),
+                *_uncached(lay.data_record),
+            ],
         },
     }
     if with_pretrain:
@@ -145,10 +160,11 @@ def pipeline(with_pretrain: bool = True) -> dict[str, Any]:
     return {"stages": stages}
 
 
-def sweep_pipeline() -> dict[str, Any]:
+def sweep_pipeline(external: bool = False) -> dict[str, Any]:
     """The notes' experiment, its own pipeline; it runs the Prefect flow, so a stopped repro resumes."""
     lay = Layout(Path("."))
-    code = sorted({*_code("sweep"), *_code("sweep_report"), "flows/sweep.py"})
+    flow = str(PROJECT / "flows/sweep.py") if external else "flows/sweep.py"
+    code = sorted({*_stage_code("sweep", external), *_stage_code("sweep_report", external), flow})
     src = "${sweep.source}"
     return {
         "vars": ["../params.yaml"],  # templating reads the params file beside dvc.yaml unless told
@@ -194,9 +210,17 @@ def render(pipeline_dict: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(pipeline_dict, sort_keys=False, width=120)
 
 
-def files(root: Path) -> dict[Path, str]:
-    """The pipeline files under `root` and the text the code says they hold."""
-    return {root / "dvc.yaml": render(pipeline()), root / "sweep" / "dvc.yaml": render(sweep_pipeline())}
+def files(root: Path, params: Params | None = None) -> dict[Path, str]:
+    """The pipeline files under `root` and the text the code says they hold, for its params.yaml.
+
+    The sweep's pipeline is there when the sweep's source is one of the project's sources.
+    """
+    params = params or load_params(root / "params.yaml")
+    external = PROJECT.resolve() != root.resolve()
+    out = {root / "dvc.yaml": render(pipeline(params.needs_pretrain, external))}
+    if params.sweep.source in params.sources:
+        out[root / "sweep" / "dvc.yaml"] = render(sweep_pipeline(external))
+    return out
 
 
 def stale(root: Path) -> list[Path]:

@@ -119,15 +119,9 @@ def run_stage(runner: Runner, task: Any, path: Path, kind: type[R], **kwargs: An
     return record
 
 
-def needs_pretrain(params: Params) -> bool:
-    """The source model is trained only when a source uses it."""
-    own = {"models/source/model.safetensors", f"models:/{params.pretrain.register_as}"}
-    return any(any(s.weights.startswith(o) for o in own) for s in params.sources.values())
-
-
 def run_raw(params: Params, lay: Layout, runner: Runner) -> RawRecord:
     """Always computed (it is what the raw files are now); written only when it changed."""
-    record = RawRecord.model_validate(runner(raw, params=params.data).model_dump())
+    record = RawRecord.model_validate(runner(raw, params=params.data, with_source=params.needs_pretrain).model_dump())
     record.write(lay.raw_record)
     return record
 
@@ -136,7 +130,7 @@ def run_data(params: Params, lay: Layout, runner: Runner) -> DataRecord:
     raw_record = RawRecord.read(lay.raw_record)
     return run_stage(
         runner, data, lay.data_record, DataRecord, params=params.data, raw=raw_record, out_dir=lay.data,
-        download_dir=lay.downloads,
+        download_dir=lay.downloads, with_source=params.needs_pretrain,
     )  # fmt: skip
 
 
@@ -205,7 +199,7 @@ def upstream(params: Params, lay: Layout, runner: Runner, sources: Sequence[str]
     """
     run_raw(params, lay, runner)
     run_data(params, lay, runner)
-    if needs_pretrain(params):
+    if params.needs_pretrain:
         run_pretrain(params, lay, runner)
     run_weights(params, lay, runner)
     for name in sources:
@@ -222,7 +216,7 @@ def run_all(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
         name: (run_train(params, lay, runner, name), run_evaluate(params, lay, runner, name))
         for name in params.train.runs
     }
-    source = PretrainRecord.read(lay.source_model / "record.json") if needs_pretrain(params) else None
+    source = PretrainRecord.read(lay.source_model / "record.json") if params.needs_pretrain else None
     return {
         "data": DataRecord.read(lay.data_record),
         "sources": WeightsRecord.read(lay.weights_record).sources,

@@ -33,9 +33,16 @@ def summary_rows(records: dict[str, Any], params: Params) -> dict[str, Any]:
         for name, (trained, evaluated) in records["runs"].items()
     }
     data = records["data"]
+    best = tracking.champion(params.evaluate.register_as)
+    shas = {run["sha256"]: name for name, run in runs.items()}
+    champion = None
+    if best is not None:
+        sha = best.tags.get(tracking.WEIGHTS_SHA_TAG)
+        champion = {"model": params.evaluate.register_as, "version": best.version, "run": shas.get(sha)}
     return {
+        "champion": champion,
         "data": {
-            "source": data.source.model_dump(mode="json"),
+            "source": data.source.model_dump(mode="json") if data.source is not None else None,
             "target": data.target.model_dump(mode="json"),
             "origin": data.origin,
         },
@@ -60,6 +67,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
     if data:
         for name in ("source", "target"):
             task = data[name]
+            if task is None:
+                continue
             counts = ", ".join(f"{n} {split}" for split, n in task["counts"].items())
             lines.append(
                 f"Data {name}: fingerprint `{task['fingerprint'][:16]}` ({len(task['class_names'])} classes; {counts})"
@@ -89,7 +98,15 @@ def summary_markdown(result: dict[str, Any]) -> str:
         )
     lines.append("")
     lines += _strategy_notes(result["runs"])
-    lines.append("Compare the runs in the MLflow UI: `make ui`, then open http://127.0.0.1:5000")
+    champ = result.get("champion")
+    if champ:
+        by = f", trained by run {champ['run']}" if champ.get("run") else ", trained by an earlier run"
+        lines += [
+            f"Champion: {champ['model']} v{champ['version']}{by}. Predict with it:",
+            f"  headstart predict --model models:/{champ['model']}@champion <image files or folders>",
+            "",
+        ]
+    lines.append("Compare the runs in the MLflow UI: `headstart ui`, then open http://127.0.0.1:5000")
     return "\n".join(lines)
 
 

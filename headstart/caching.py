@@ -69,11 +69,25 @@ def cached(task_name: str, content: ContentFn | None = None) -> dict[str, Any]:
 
     return {
         "name": task_name,
+        "task_run_name": _run_name(task_name),
         "cache_key_fn": key_fn,
         "persist_result": True,
         "result_serializer": "json",
         "result_storage": results_dir(),
     }
+
+
+def _run_name(task_name: str) -> Callable[[], str]:
+    """The Prefect task run's name: the stage as dvc.yaml names it (`train-frozen`, `extract-imagenet`)."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        params = task_run.parameters or {}
+        item = params.get("run_name") or getattr(params.get("weights"), "source", None)
+        return f"{task_name}-{item}" if item else task_name
+
+    return name
 
 
 def results_dir() -> Path:

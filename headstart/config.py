@@ -48,13 +48,23 @@ class DataParams(_Section):
     train_fraction: Fraction = 1.0
     """Share of the target's training split used; the subsets are nested (5% lies inside 10%)."""
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    """Share of each image-folder class held out as the test split (Fashion-MNIST has its own)."""
+    """Image folder: the share held out for testing, drawn per image from its content (Fashion-MNIST has its own)."""
     folder_image_size: Annotated[int, Field(ge=8, le=512)] = 64
-    """Image-folder pictures are converted to RGB and resized to this square size."""
+    """Image-folder pictures are converted to RGB and made this square size."""
+    folder_resize: Annotated[int | None, Field(ge=8, le=1024)] = None
+    """Shorter side before the centre crop to folder_image_size (256 for 224, as ImageNet weights); None: stretch."""
     seed: int = 0
 
     @model_validator(mode="after")
     def _disjoint(self) -> DataParams:
+        if self.folder_resize is not None and self.folder_resize < self.folder_image_size:
+            raise ValueError(
+                f"folder_resize {self.folder_resize} must be at least folder_image_size {self.folder_image_size}"
+            )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + {self.test_fraction}"
+            )
         overlap = set(self.source_labels) & set(self.target_labels)
         if overlap:
             raise ValueError(f"source_labels and target_labels must be disjoint; both contain {sorted(overlap)}")
@@ -243,6 +253,8 @@ class SweepParams(_Section):
 class Params(_Section):
     """The whole params.yaml."""
 
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")] = "headstart"
+    """The project's name: the MLflow experiment every stage logs to (no stage's output depends on it)."""
     data: DataParams = DataParams()
     pretrain: PretrainParams = PretrainParams()
     sources: dict[str, SourceParams]
@@ -252,6 +264,12 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     sweep: SweepParams = SweepParams()
     advise: AdviseParams = AdviseParams()
+
+    @property
+    def needs_pretrain(self) -> bool:
+        """The source model (and its Fashion-MNIST source task) is made only when a source uses it."""
+        own = ("models/source/model.safetensors", f"models:/{self.pretrain.register_as}")
+        return any(s.weights.startswith(own) for s in self.sources.values())
 
     @model_validator(mode="after")
     def _sweep_source(self) -> Params:

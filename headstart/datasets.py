@@ -48,6 +48,13 @@ class TaskData:
     def split(self, name: str) -> Split:
         return getattr(self, name)
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Split -> class name -> images: what an unbalanced folder looks like, for the log and MLflow."""
+        return {
+            s: {name: int(np.count_nonzero(self.split(s).labels == c)) for c, name in enumerate(self.class_names)}
+            for s in SPLITS
+        }
+
     def fingerprint(self) -> str:
         """Content hash of every array and the class names (not of the file that holds them)."""
         parts = [",".join(self.class_names)]
@@ -77,6 +84,7 @@ def save_task(task: TaskData, directory: Path, decode: Decode) -> dict:
         "name": task.name,
         "class_names": task.class_names,
         "counts": {s: len(task.split(s)) for s in SPLITS},
+        "class_counts": task.class_counts(),
         "fingerprint": task.fingerprint(),
         "decode": decode.model_dump(mode="json"),
     }

@@ -98,7 +98,7 @@ class RawRecord(Record):
     """What the raw data is right now: each file's sha256 (the raw stage; no key: it is the content)."""
 
     fmnist_origin: str
-    """root, system or download: where the Fashion-MNIST IDX files are read from."""
+    """root, system or download: where the Fashion-MNIST IDX files are read from; none when not needed."""
     fmnist: dict[str, str]
     """IDX file name -> sha256 (download: the md5 the download is verified against, as `md5:<hex>`)."""
     image_folder: dict[str, str] | None = None
@@ -111,6 +111,8 @@ class TaskMeta(Record):
     name: str
     class_names: list[str]
     counts: dict[str, int]
+    class_counts: dict[str, dict[str, int]] = {}
+    """Split -> class name -> images."""
     fingerprint: str
     decode: Decode
     """How an image file becomes one of this task's images: the decoding a model trained on it keeps."""
@@ -118,7 +120,9 @@ class TaskMeta(Record):
 
 class DataRecord(StageRecord):
     origin: str
-    source: TaskMeta
+    """root, system or download: where Fashion-MNIST was read from; none when no task comes from it."""
+    source: TaskMeta | None
+    """The source task (FMNIST-2), made only when a source network is pretrained on it."""
     target: TaskMeta
 
 

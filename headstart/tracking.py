@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,7 @@ EXPERIMENT = "headstart"
 MODEL_SHA_TAG = "model_sha256"
 """Tag of the run that trained a model file: its sha256, the content that finds the run again."""
 CHAMPION = "champion"
+CLASSES_TAG = "classes"
 UI_URL = "http://127.0.0.1:5000"
 """Where `make ui` (`headstart ui`) serves the project's own tracking store."""
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
@@ -63,8 +65,14 @@ def git_commit(root: Path | None = None) -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def experiment_id(name: str = EXPERIMENT) -> str:
+def experiment_name() -> str:
+    """The project's experiment: MLflow's own MLFLOW_EXPERIMENT_NAME (the CLI sets it from params `name`)."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+
+
+def experiment_id(name: str | None = None) -> str:
     """Get or create the experiment; a local backend keeps artifacts in the project, not the cwd."""
+    name = name or experiment_name()
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -165,15 +173,48 @@ def log_model(
             sha256[:16],
         )
         return known
-    version = mlflow.register_model(info.model_uri, register_as, tags={WEIGHTS_SHA_TAG: sha256})
+    classes = classes_tag(spec.class_names)
+    version = mlflow.register_model(info.model_uri, register_as, tags={WEIGHTS_SHA_TAG: sha256, CLASSES_TAG: classes})
     if score is not None:
         client.set_model_version_tag(register_as, version.version, "score", str(score))
-    if _beats_champion(client, register_as, score):
+    verdict = champion_verdict(champion(register_as), classes, score)
+    if verdict is None:
         client.set_registered_model_alias(register_as, CHAMPION, version.version)
         log.info("registered %s version %s as @%s", register_as, version.version, CHAMPION)
     else:
-        log.info("registered %s version %s (the champion scores higher)", register_as, version.version)
+        log.info("registered %s version %s, not @%s: %s", register_as, version.version, CHAMPION, verdict)
     return version
+
+
+def classes_tag(class_names: list[str]) -> str:
+    """The classes a model answers, as one registry tag: champions are compared only among equals."""
+    return json.dumps(list(class_names), separators=(",", ":"))[:5000]
+
+
+def champion(name: str) -> ModelVersion | None:
+    """The version holding `@champion`, or None (no such model, or no alias yet)."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def champion_verdict(current: ModelVersion | None, classes: str, score: float | None) -> str | None:
+    """None when a new version takes `@champion`; else why not.
+
+    The rule: the first version takes it; after that, a version takes it only when it answers the
+    same classes as the champion (in the same order) and scores at least as well on validation. A
+    model of other classes never replaces the champion silently: `headstart predict` would answer
+    classes the user did not ask for.
+    """
+    if current is None:
+        return None
+    if current.tags.get(CLASSES_TAG, classes) != classes:
+        return f"it answers other classes than version {current.version} ({current.tags.get(CLASSES_TAG)})"
+    best = current.tags.get("score")
+    if score is None or best is None or score >= float(best):
+        return None
+    return f"version {current.version} scores higher on validation ({float(best):.4f} > {score:.4f})"
 
 
 def registered_version(name: str, sha256: str) -> ModelVersion | None:
@@ -195,14 +236,3 @@ def run_of_model(sha256: str) -> str | None:
         [experiment_id()], f"tags.{MODEL_SHA_TAG} = '{sha256}'", max_results=1, order_by=["attributes.start_time DESC"]
     )
     return found[0].info.run_id if found else None
-
-
-def _beats_champion(client: MlflowClient, name: str, score: float | None) -> bool:
-    if score is None:
-        return True
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return True
-    best = current.tags.get("score")
-    return best is None or score >= float(best)

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from headstart.caching import cached, run_logger
 from headstart.config import DataParams
 from headstart.datasets import Split, TaskData, save_task
+from headstart.fingerprint import sha256_bytes
 from headstart.fmnist import class_names_for, read_fmnist, resolve_source, select_labels
+from headstart.folder import check_splits, content_split, scan_folder, unit_draw
 from headstart.images import FMNIST_DECODE, Decode, decode_image
 from headstart.records import DataRecord, Output, RawRecord, TaskMeta, absolute
 from headstart.splits import nested_fraction, stratified_split
@@ -50,75 +52,85 @@ def fmnist_task(name: str, train: Split, test: Split, keep: list[int], params: D
     )
 
 
-def folder_task(images: np.ndarray, labels: np.ndarray, class_names: list[str], params: DataParams) -> TaskData:
-    """The target task from a user's images: a stratified `test_fraction` is held out first."""
-    pool_idx, test_idx = stratified_split(labels, params.test_fraction, params.seed)
-    test = Split(images[test_idx], labels[test_idx])
-    return make_task("target", class_names, Split(images[pool_idx], labels[pool_idx]), test, params, subset=True)
+def folder_task(images: np.ndarray, labels: np.ndarray, splits: list[str], class_names: list[str]) -> TaskData:
+    """The target task from a user's images, each in the split `splits` names (`unused`: left out)."""
+    split_of = np.asarray(splits)
+
+    def part(name: str) -> Split:
+        idx = np.flatnonzero(split_of == name)
+        return Split(images[idx], labels[idx])
+
+    return TaskData(name="target", class_names=class_names, train=part("train"), val=part("val"), test=part("test"))
 
 
 # ---------------------------------------------------------------- I/O helpers (called by the task)
 
 
-def read_image_folder(folder: Path, decode: Decode) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images decoded by `decode` (RGB at a size: uint8 (N, size, size, 3)), labels, class names: a folder a class.
+def read_image_folder(folder: Path, decode: Decode, params: DataParams) -> TaskData:
+    """The image folder as a task: every file decoded by `decode`, split by its content (headstart.folder).
 
-    Every file in a class folder must be an image (hidden files are skipped); all unreadable ones
-    are reported together, so one run finds every bad file.
+    All unreadable files are reported together, so one run finds every bad file.
     """
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: data.image_folder is not a folder")
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise ValueError(f"{folder}: expected at least 2 class sub-folders, found {[c.name for c in classes]}")
-    files = []
-    for label, cls in enumerate(classes):
-        members = sorted(p for p in cls.iterdir() if p.is_file() and not p.name.startswith("."))
-        if len(members) < 3:
-            raise ValueError(f"{cls}: class folder holds {len(members)} images; at least 3 are needed (train/val/test)")
-        files += [(p, label) for p in members]
-    images, labels, bad = [], [], []
-    for path, label in tqdm(files, desc=f"reading {folder.name}", unit="img", disable=None):
+    scan = scan_folder(folder)
+    if scan.skipped:
+        count = sum(scan.skipped.values())
+        run_logger().info("%s: skipped %d files that are not PNG/JPEG: %s", folder, count, scan.skipped)
+    given = {i.given_split for i in scan.images} - {None}
+    images, labels, splits, bad = [], [], [], []
+    for item in tqdm(scan.images, desc=f"reading {folder.name}", unit="img", disable=None):
+        path = folder / item.path
         try:
-            images.append(decode_image(path.read_bytes(), decode, str(path)))
-            labels.append(label)
+            raw = path.read_bytes()
+            images.append(decode_image(raw, decode, str(path)))
         except (OSError, ValueError) as err:
             bad.append(f"  {err}")
+            continue
+        sha = sha256_bytes(raw)
+        split = content_split(sha, params.seed, params.val_fraction, params.test_fraction, item.given_split, given)
+        if split == "train" and unit_draw(sha, params.seed, "train_fraction") >= params.train_fraction:
+            split = "unused"  # nested: an image kept at 5% is kept at 10%
+        labels.append(scan.classes.index(item.label))
+        splits.append(split)
     if bad:
         raise ValueError(f"{folder}: {len(bad)} unreadable images (expected PNG/JPEG):\n" + "\n".join(bad))
-    return np.stack(images), np.asarray(labels, dtype=np.int64), [c.name for c in classes]
+    check_splits([scan.classes[i] for i in labels], splits, scan.classes, folder)
+    return folder_task(np.stack(images), np.asarray(labels, dtype=np.int64), splits, scan.classes)
 
 
 # ---------------------------------------------------------------- the task
 
 
 @task(**cached("data"))
-def data(params: DataParams, raw: RawRecord, out_dir: Path, download_dir: Path) -> DataRecord:
-    """Build the source (FMNIST-2) and target (FMNIST-1 or the image folder) tasks and save them.
+def data(params: DataParams, raw: RawRecord, out_dir: Path, download_dir: Path, with_source: bool = True) -> DataRecord:
+    """Build the target task (FMNIST-1 or the image folder) and, `with_source`, the source task (FMNIST-2).
 
     `raw` (the raw stage's record) is what the files are now: it is an argument so that the cache
-    key changes with them.
+    key changes with them. Fashion-MNIST is read only when a task comes from it.
     """
     log = run_logger()
-    root = absolute(str(params.root)) if params.root is not None else None
-    files, origin = resolve_source(root, absolute(str(download_dir)))
-    log.info("Fashion-MNIST IDX files from %s", origin)
-    train, test = read_fmnist(files)
-    source = fmnist_task("source", train, test, params.source_labels, params, subset=False)
-    decode = FMNIST_DECODE
+    tasks: list[tuple[TaskData, Decode]] = []
+    origin = "none"
+    if with_source or params.image_folder is None:
+        root = absolute(str(params.root)) if params.root is not None else None
+        files, where = resolve_source(root, absolute(str(download_dir)))
+        log.info("Fashion-MNIST IDX files from %s", where)
+        origin = where.split(":", 1)[0]  # root, system or download: where from, not a path of this machine
+        train, test = read_fmnist(files)
+        if with_source:
+            tasks.append(
+                (fmnist_task("source", train, test, params.source_labels, params, subset=False), FMNIST_DECODE)
+            )
+        if params.image_folder is None:
+            tasks.append((fmnist_task("target", train, test, params.target_labels, params, subset=True), FMNIST_DECODE))
     if params.image_folder is not None:
-        decode = Decode(mode="RGB", size=params.folder_image_size)
-        images, labels, names = read_image_folder(absolute(str(params.image_folder)), decode)
-        target = folder_task(images, labels, names, params)
-    else:
-        target = fmnist_task("target", train, test, params.target_labels, params, subset=True)
+        decode = Decode(mode="RGB", size=params.folder_image_size, resize=params.folder_resize)
+        tasks.append((read_image_folder(absolute(str(params.image_folder)), decode, params), decode))
     out_dir = absolute(str(out_dir))
-    decodes = {"source": FMNIST_DECODE, "target": decode}
-    metas = {t.name: TaskMeta(**save_task(t, out_dir, decodes[t.name])) for t in (source, target)}
+    metas = {t.name: TaskMeta(**save_task(t, out_dir, decode)) for t, decode in tasks}
     for meta in metas.values():
-        log.info("task %s: %d classes %s, counts %s", meta.name, len(meta.class_names), meta.class_names, meta.counts)
+        log.info("task %s: %d classes, counts %s", meta.name, len(meta.class_names), meta.counts)
+        log.info("task %s per class: %s", meta.name, meta.class_counts)
     written = [out_dir / f"{name}.{ext}" for name in metas for ext in ("npz", "json")]
-    kind = origin.split(":", 1)[0]  # root, system or download: where from, not a path of this machine
     return DataRecord(
-        origin=kind, source=metas["source"], target=metas["target"], outputs=[Output.of(p) for p in written]
+        origin=origin, source=metas.get("source"), target=metas["target"], outputs=[Output.of(p) for p in written]
     )

@@ -9,39 +9,35 @@ data task's cache key contains it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from headstart.config import DataParams
 from headstart.fingerprint import sha256_file
 from headstart.fmnist import OFFICIAL_MD5, SYSTEM_DIR, idx_files
+from headstart.folder import scan_folder
 from headstart.records import RawRecord, absolute
 
 
-def folder_files(folder: Path) -> list[Path]:
-    """The files the data stage reads from an image folder: non-hidden files of non-hidden class folders."""
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [f for c in classes for f in sorted(c.iterdir()) if f.is_file() and not f.name.startswith(".")]
-
-
-@task(name="raw", cache_policy=NO_CACHE, persist_result=False)
-def raw(params: DataParams) -> RawRecord:
-    """Fingerprint the Fashion-MNIST IDX files (or the pinned md5s a download is verified by) and the image folder."""
+def fmnist_fingerprint(params: DataParams) -> tuple[str, dict[str, str]]:
+    """Where the IDX files are read from and their sha256 (or the pinned md5s a download is verified by)."""
     root = absolute(str(params.root)) if params.root is not None else SYSTEM_DIR
     files = idx_files(root)
     if files is not None:
-        origin = "root" if params.root is not None else "system"
-        fmnist = {p.name: sha256_file(p) for p in files.values()}
-    elif params.root is not None:
+        return ("root" if params.root is not None else "system"), {p.name: sha256_file(p) for p in files.values()}
+    if params.root is not None:
         raise FileNotFoundError(f"{root}: data.root lacks the Fashion-MNIST IDX files (train/t10k images and labels)")
-    else:
-        origin, fmnist = "download", {name: f"md5:{md5}" for name, md5 in OFFICIAL_MD5.items()}
+    return "download", {name: f"md5:{md5}" for name, md5 in OFFICIAL_MD5.items()}
+
+
+@task(name="raw", task_run_name="raw", cache_policy=NO_CACHE, persist_result=False)
+def raw(params: DataParams, with_source: bool = True) -> RawRecord:
+    """Fingerprint the files the data stage will read: Fashion-MNIST when a task comes from it, the image folder."""
+    origin, fmnist = "none", {}
+    if with_source or params.image_folder is None:
+        origin, fmnist = fmnist_fingerprint(params)
     folder = None
     if params.image_folder is not None:
         path = absolute(str(params.image_folder))
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: data.image_folder is not a folder")
-        folder = {f.relative_to(path).as_posix(): sha256_file(f) for f in folder_files(path)}
+        folder = {i.path: sha256_file(path / i.path) for i in scan_folder(path).images}
     return RawRecord(fmnist_origin=origin, fmnist=dict(sorted(fmnist.items())), image_folder=folder)

@@ -118,3 +118,29 @@ def placeholder_advice(ranking: list[str], strategy: str = "frozen") -> AdviseRe
         quadrant="small target, similar domain",
         recommendation=Recommendation(strategy=strategy, cut=ranking[0], why="test"),
     )
+
+
+def write_image_folder(
+    folder: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], start: int = 0
+) -> list[Path]:
+    """uint8 grey images as a class-per-folder tree of PNG and JPEG files of varied sizes and modes.
+
+    Every third file is an RGB JPEG, the others grey or RGBA PNGs; sizes vary so the decoder's
+    resize and crop are exercised. `start` numbers the files, so a second call adds new ones.
+    """
+    from PIL import Image
+
+    written = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True), start=start):
+        side = 28 + 4 * (i % 5)
+        img = Image.fromarray(image).resize((side + 6 * (i % 2), side), Image.Resampling.BILINEAR)
+        target = folder / class_names[int(label)]
+        target.mkdir(parents=True, exist_ok=True)
+        if i % 3 == 0:
+            path = target / f"img{i:05d}.jpg"
+            img.convert("RGB").save(path, quality=92)
+        else:
+            path = target / f"img{i:05d}.png"
+            (img.convert("RGBA") if i % 3 == 1 else img).save(path)
+        written.append(path)
+    return written

@@ -35,10 +35,10 @@ from headstart.fmnist import (
     resolve_source,
     select_labels,
 )
-from headstart.images import FMNIST_DECODE, Decode
+from headstart.images import FMNIST_DECODE, Decode, decode_image
 from headstart.records import DataRecord, RawRecord, TaskMeta, absolute
 from headstart.splits import nested_fraction, stratified_split
-from tasks.data import data, fmnist_task, folder_task, read_image_folder
+from tasks.data import data, fmnist_task, read_image_folder
 from tasks.raw import raw
 
 # ---------------------------------------------------------------- helpers
@@ -311,42 +311,46 @@ def test_missing_file_on_the_server_names_the_url(tmp_path: Path, http_server: t
 
 
 def test_image_folder_reads_resizes_and_names_classes(tmp_path: Path) -> None:
-    folder = make_image_folder(tmp_path / "pets", {"PetB": 4, "None": 3, "PetA": 5})
+    folder = make_image_folder(tmp_path / "pets", {"PetB": 8, "None": 7, "PetA": 9})
     (folder / "README.txt").write_text("top-level files are not classes")
     (folder / "PetA" / ".DS_Store").write_bytes(b"\0junk")
-    images, labels, names = read_image_folder(folder, rgb(16))
-    assert names == ["None", "PetA", "PetB"]
-    assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
-    assert np.bincount(labels).tolist() == [3, 5, 4]
-    grey = images[labels == 1][1]  # PetA/1.png was saved as a grey ("L") image
+    params = DataParams(test_fraction=0.2, val_fraction=0.2, seed=1)
+    task = read_image_folder(folder, rgb(16), params)
+    assert task.class_names == ["None", "PetA", "PetB"]
+    images = np.concatenate([task.split(s).images for s in ("train", "val", "test")])
+    labels = np.concatenate([task.split(s).labels for s in ("train", "val", "test")])
+    assert images.shape == (24, 16, 16, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [7, 9, 8]
+    grey = decode_image((folder / "PetA" / "1.png").read_bytes(), rgb(16))  # saved as a grey ("L") image
     assert np.array_equal(grey[..., 0], grey[..., 1]) and grey.std() > 0
-    task = folder_task(images, labels, names, DataParams(test_fraction=0.25, val_fraction=0.25, seed=1))
-    assert task.class_names == names
-    assert sum(len(task.split(s)) for s in ("train", "val", "test")) == 12
-    assert np.bincount(task.test.labels, minlength=3).min() >= 1
+    assert any(np.array_equal(grey, row) for row in images)
+    assert all(len(task.split(s)) > 0 for s in ("train", "val", "test"))
 
 
 def test_all_unreadable_images_are_listed_in_one_error(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 3})
     (folder / "a" / "broken.png").write_bytes((folder / "a" / "1.png").read_bytes()[:40])
-    (folder / "b" / "notes.txt").write_text("not an image")
+    (folder / "b" / "fake.jpg").write_text("not an image")
+    (folder / "b" / "notes.txt").write_text("not an image either, but not named like one: skipped")
     with pytest.raises(ValueError) as err:
-        read_image_folder(folder, rgb(8))
+        read_image_folder(folder, rgb(8), DataParams())
     message = str(err.value)
     assert "2 unreadable images" in message
-    assert str(folder / "a" / "broken.png") in message and str(folder / "b" / "notes.txt") in message
+    assert str(folder / "a" / "broken.png") in message and str(folder / "b" / "fake.jpg") in message
+    assert "notes.txt" not in message
 
 
 def test_empty_class_folder_and_single_class_are_errors(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 3})
     (folder / "c").mkdir()
-    with pytest.raises(ValueError, match=rf"{folder / 'c'}: class folder holds 0 images"):
-        read_image_folder(folder, rgb(8))
+    (folder / "c" / "photo.webp").write_bytes(b"RIFF")
+    with pytest.raises(ValueError, match=rf"{folder / 'c'}: class folder holds no PNG/JPEG images \(1 other files\)"):
+        read_image_folder(folder, rgb(8), DataParams())
     single = make_image_folder(tmp_path / "single", {"only": 3})
-    with pytest.raises(ValueError, match=rf"{single}: expected at least 2 class sub-folders, found \['only'\]"):
-        read_image_folder(single, rgb(8))
+    with pytest.raises(ValueError, match=rf"{single}: expected at least 2 class sub-folders .*\['only'\]"):
+        read_image_folder(single, rgb(8), DataParams())
     with pytest.raises(FileNotFoundError, match="missing: data.image_folder is not a folder"):
-        read_image_folder(tmp_path / "missing", rgb(8))
+        read_image_folder(tmp_path / "missing", rgb(8), DataParams())
 
 
 # ---------------------------------------------------------------- the task, end to end
@@ -391,7 +395,8 @@ def test_data_task_with_an_image_folder_replaces_the_target(tmp_path: Path) -> N
     target = load_task(tmp_path / "out", "target")
     assert target.class_names == ["None", "PetA", "PetB"]
     assert target.train.images.shape[1:] == (12, 12, 3)
-    assert record.target.counts == {"train": 9, "val": 3, "test": 6}
+    assert sum(record.target.counts.values()) == 18 and min(record.target.counts.values()) > 0
+    assert record.target.class_counts["train"].keys() == {"None", "PetA", "PetB"}
     assert record.source.counts["test"] == 15
     assert record.target.decode == rgb(12) and record.source.decode == FMNIST_DECODE
     assert raw_record.image_folder is not None and len(raw_record.image_folder) == 18

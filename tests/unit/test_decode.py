@@ -79,10 +79,11 @@ def test_training_predict_and_the_served_model_see_the_same_tensor(folder: Path,
 
 def test_the_decoder_is_what_the_data_stage_uses(folder: Path) -> None:
     decode = Decode(mode="RGB", size=24)
-    images, labels, classes = read_image_folder(folder, decode)
-    first = sorted((folder / "cats").iterdir())[0]
-    assert classes == ["cats", "dogs"] and images.shape == (8, 24, 24, 3) and labels.tolist() == [0] * 4 + [1] * 4
-    assert np.array_equal(images[0], decode_image(first.read_bytes(), decode))
+    task = read_image_folder(folder, decode, DataParams(val_fraction=0.2, test_fraction=0.2))
+    images = np.concatenate([task.split(s).images for s in ("train", "val", "test")])
+    assert task.class_names == ["cats", "dogs"] and images.shape == (8, 24, 24, 3)
+    for file in sorted(folder.rglob("*.*")):
+        assert any(np.array_equal(row, decode_image(file.read_bytes(), decode)) for row in images), file
 
 
 def test_formats_other_than_png_and_jpeg_are_refused_naming_the_file(tmp_path: Path) -> None:

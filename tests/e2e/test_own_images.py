@@ -1,0 +1,101 @@
+"""A user's own folder of photos, end to end through the CLI: init, run, predict, then photos added, edited, removed.
+
+The photos are real Fashion-MNIST test images written as JPEG and PNG files of varied sizes and
+modes; the project is made by `headstart init` (git, DVC, `dvc add images`) and driven by
+`headstart` and `dvc repro` alternately, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart.fmnist import SYSTEM_DIR, idx_files, read_fmnist
+from tests.e2e.conftest import sh
+from tests.tiny import install_mobilenet, write_image_folder
+
+pytestmark = pytest.mark.e2e
+CLASSES = {0: "tshirt", 1: "trouser", 7: "sneaker"}
+
+
+def _fmnist():
+    files = idx_files(SYSTEM_DIR)
+    if files is None:
+        pytest.skip("Fashion-MNIST is not installed (make install puts it in /usr/share/datasets/fashion-mnist)")
+    return read_fmnist(files)
+
+
+def _photos(split, per_class: int, skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for index, label in enumerate(CLASSES):
+        members = split.images[split.labels == label][skip : skip + per_class]
+        images.append(members)
+        labels.append(np.full(len(members), index))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _computed(output: str) -> int:
+    found = re.findall(r"(\d+) reused from .*?, (\d+) computed", output)
+    assert len(found) == 1, f"expected one extract log line, found {found}\n{output[-3000:]}"
+    return int(found[0][1])
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(tmp_path: Path) -> None:
+    train, test = _fmnist()
+    folder = tmp_path / "photos"
+    write_image_folder(folder, *_photos(test, 40), list(CLASSES.values()))
+    project = tmp_path / "closet"
+
+    init = sh(tmp_path, "headstart", "init", str(project), "--images", str(folder), "--image-size", "64")
+    assert "headstart run" in init.stdout
+    assert (project / "images.dvc").is_file() and (project / ".git").is_dir()
+    install_mobilenet(project / ".torch")
+
+    first = sh(project, "headstart", "run")
+    assert "fmnist" not in first.stdout.split("Data target")[1]  # no Fashion-MNIST source, pretrain or run
+    accuracy = dict(re.findall(r"\| (frozen|finetune) \| imagenet \| \w+ \| ([\d.]+)% \|", first.stdout))
+    assert set(accuracy) == {"frozen", "finetune"} and float(accuracy["frozen"]) > 80, first.stdout
+    assert "Champion: closet v" in first.stdout and "headstart predict --model models:/closet@champion" in first.stdout
+
+    new = tmp_path / "new"
+    images, labels = _photos(train, 5)
+    write_image_folder(new, images, labels, list(CLASSES.values()))
+    answer = json.loads(sh(project, "headstart", "predict", "--json", str(new)).stdout)
+    truth = {str(p): p.parent.name for p in new.rglob("*.*")}
+    right = sum(row["class"] == truth[row["image"]] for row in answer)
+    assert len(answer) == 15 and right >= 12, answer
+
+    # 10 more photos of one class: data, extract (10 rows), advise, train and evaluate rerun under DVC
+    images, labels = _photos(train, 10, skip=100)
+    write_image_folder(project / "images", images[labels == 0], labels[labels == 0], list(CLASSES.values()), 5000)
+    sh(project, "dvc", "add", "-q", "images")
+    grown = sh(project, "dvc", "repro")
+    out = grown.stdout + grown.stderr
+    expected = {"raw", "data", "extract@imagenet", "advise@imagenet", "train@frozen", "train@finetune"}
+    assert expected | {"evaluate@frozen", "evaluate@finetune"} <= _ran(out) and _computed(out) == 10
+
+    again = sh(project, "dvc", "repro")
+    assert _ran(again.stdout + again.stderr) == {"raw"}  # nothing changed: the data stage is not rerun
+    warm = sh(project, "headstart", "run")
+    assert "computed" not in warm.stdout + warm.stderr and "Champion: closet v" in warm.stdout
+
+    # one photo's pixels edited: one row computed; one photo removed: no row computed, data reruns
+    photo = sorted((project / "images" / "trouser").glob("*.png"))[0]
+    Image.fromarray(255 - np.asarray(Image.open(photo).convert("L"))).save(photo)
+    sh(project, "dvc", "add", "-q", "images")
+    edited = sh(project, "headstart", "run")
+    assert _computed(edited.stdout + edited.stderr) == 1
+    sorted((project / "images" / "sneaker").glob("*.jpg"))[0].unlink()
+    sh(project, "dvc", "add", "-q", "images")
+    removed = sh(project, "dvc", "repro")
+    out = removed.stdout + removed.stderr
+    assert {"data", "extract@imagenet", "train@frozen"} <= _ran(out) and _computed(out) == 0
