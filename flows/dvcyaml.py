@@ -134,6 +134,7 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 "train.partial",
                 "train.seed",
                 "train.device",
+                "train.class_weights",
                 f"train.runs.{RUN}",
                 f"sources.{RUN_SOURCE}",
             ],  # fmt: skip

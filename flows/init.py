@@ -110,6 +110,7 @@ def folder_params(name: str, backbone: str, image_size: int) -> dict[str, Any]:
             "frozen": {"epochs": 30, "batch_size": 64, "lr": 0.001, "weight_decay": 0.0001, "patience": 5},
             "end_to_end": {"epochs": 6, "batch_size": 32, "lr": 0.0003, "weight_decay": 0.0, "patience": 2},
             "seed": 0,
+            "class_weights": "auto",  # photo folders are rarely balanced
         },
         "evaluate": {"register_as": name},
         "advise": {"probe_per_class": 200, "small_per_class": 1000},

@@ -88,13 +88,15 @@ def summary_markdown(result: dict[str, Any]) -> str:
             f"MLflow run {_link((source['mlflow_run_id'] or '-')[:12], source.get('mlflow_url'))})"
         )
         lines.append("")
-    lines.append("| run | source | strategy | target test accuracy | macro-F1 | registered | MLflow run |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append(
+        "| run | source | strategy | target test accuracy | balanced accuracy | macro-F1 | registered | MLflow run |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
     for name, run in result["runs"].items():
         mlflow_run = _link(run["mlflow_run_id"][:12], run.get("mlflow_url")) if run.get("mlflow_run_id") else "-"
         lines.append(
             f"| {name} | {run['source']} | {run['strategy']} | {run['test_accuracy']:.2%} "
-            f"| {run['macro_f1']:.3f} | {_version(run)} | {mlflow_run} |"
+            f"| {run['balanced_accuracy']:.2%} | {run['macro_f1']:.3f} | {_version(run)} | {mlflow_run} |"
         )
     lines.append("")
     lines += _strategy_notes(result["runs"])

@@ -193,6 +193,8 @@ class TrainParams(_Section):
     """The source layers above the cut plus the head, trained on the stored activations at the cut."""
     seed: int = 0
     device: Device = "auto"
+    class_weights: Literal["auto", "none"] = "none"
+    """auto: each class's loss term weighted by its inverse frequency in the training split (unbalanced folders)."""
 
     @field_validator("runs")
     @classmethod

@@ -8,7 +8,7 @@ per batch, so the same loop, and the same numbers for the same seed, serve every
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,9 +95,18 @@ def predict_logits(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _evaluate(model, x, y, batch_size, transform, device) -> tuple[float, float]:
+def inverse_frequency(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """Class weights n / (k * n_c) ("balanced"): every class weighs the same in the loss, whatever its count."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise ValueError(f"class weights need every class in the training split; counts {counts.astype(int).tolist()}")
+    return tuple((counts.sum() / (num_classes * counts)).tolist())
+
+
+def _evaluate(model, x, y, batch_size, transform, device, weight=None) -> tuple[float, float]:
     logits = predict_logits(model, x, batch_size, transform, device)
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    weight = weight.cpu() if weight is not None else None
+    return F.cross_entropy(logits, y, weight=weight).item(), (logits.argmax(1) == y).float().mean().item()
 
 
 def fit(
@@ -109,8 +118,12 @@ def fit(
     device: str | torch.device = "cpu",
     transform: Transform | None = None,
     on_epoch: EpochCallback | None = None,
+    class_weights: Sequence[float] | None = None,
 ) -> FitResult:
     """Train the parameters of `model` that require grad; return the per-epoch history.
+
+    `class_weights` weigh each class's term of the training and validation loss (an unbalanced
+    folder: `inverse_frequency`); None weighs every image the same.
 
     `model` must already be built and initialised (seed before building it); `seed` here drives
     the shuffling and dropout, so the same inputs and seed give the same history on CPU.
@@ -133,6 +146,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     optimizer = torch.optim.Adam(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, {}
     start = time.perf_counter()
@@ -148,13 +162,13 @@ def fit(
             idx = order[i : i + optim.batch_size]
             xb, yb = _batch(x_train, idx, transform, device), y_train[idx].to(device)
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = F.cross_entropy(logits, yb, weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
-        val_loss, val_acc = _evaluate(model, x_val, y_val, optim.batch_size, transform, device)
+        val_loss, val_acc = _evaluate(model, x_val, y_val, optim.batch_size, transform, device, weight)
         if not np.isfinite(val_loss):
             raise FloatingPointError(f"validation loss is {val_loss} at epoch {epoch}: training diverged (lower lr)")
         row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n}

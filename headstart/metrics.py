@@ -70,11 +70,15 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Everything `metrics.json` holds: accuracy, macro-F1, per-class scores, confusion matrix, n."""
+    """Everything `metrics.json` holds: accuracy, balanced accuracy (mean recall of the classes tested), macro-F1,
+    per-class scores, confusion matrix, n."""
     cm = confusion_matrix(y_true, y_pred, len(class_names))
+    _, recall, f1 = precision_recall_f1(cm)
+    present = cm.sum(axis=1) > 0
     return {
         "accuracy": accuracy(y_true, y_pred),
-        "macro_f1": float(precision_recall_f1(cm)[2].mean()),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1.mean()),
         "per_class": per_class(y_true, y_pred, class_names),
         "confusion_matrix": cm.tolist(),
         "n_test": int(len(y_true)),

@@ -238,4 +238,6 @@ class TrainRecord(StageRecord):
 class EvaluateRecord(StageRecord):
     run_name: str
     test_accuracy: float
+    balanced_accuracy: float
+    """Mean recall over the classes: an unbalanced test split's fair figure."""
     macro_f1: float

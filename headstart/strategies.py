@@ -36,6 +36,8 @@ class Recipe:
     optim: OptimParams
     seed: int
     device: Device = "auto"
+    class_weights: tuple[float, ...] | None = None
+    """Per-class loss weights (train.class_weights: auto); None weighs every image the same."""
 
 
 def body_dropout(body: nn.Module) -> float:
@@ -53,7 +55,17 @@ def train_frozen_head(
     """A seeded new head trained on stored features (rows of the shape the features have)."""
     torch.manual_seed(recipe.seed)
     head = make_head(tuple(train[0].shape[1:]), num_classes, recipe.head)
-    return head, fit(head, train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch)
+    result = fit(
+        head,
+        train,
+        val,
+        recipe.optim,
+        recipe.seed,
+        recipe.device,
+        on_epoch=on_epoch,
+        class_weights=recipe.class_weights,
+    )
+    return head, result
 
 
 def end_to_end_net(
@@ -90,6 +102,7 @@ def train_end_to_end(
         recipe.device,
         transform=partial(preprocess, spec=pre),
         on_epoch=on_epoch,
+        class_weights=recipe.class_weights,
     )
 
 
@@ -142,7 +155,10 @@ def train_partial(
     The frozen stages would compute exactly these activations every epoch, so this gives end-to-end
     training with them frozen (`train_end_to_end` with the same recipe) without running them.
     """
-    return fit(above_cut(net, cut), train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch)
+    return fit(
+        above_cut(net, cut), train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch,
+        class_weights=recipe.class_weights,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

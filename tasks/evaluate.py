@@ -41,6 +41,7 @@ def image_predictions(net: StagedNet, spec: ModelSpec, images: np.ndarray) -> np
 def mlflow_metrics(report: dict) -> dict[str, float]:
     """Test metrics as MLflow names them: test_accuracy, test_macro_f1, test_precision.<class>, ..."""
     metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]}
+    metrics["test_balanced_accuracy"] = report["balanced_accuracy"]
     for name, scores in report["per_class"].items():
         for key in ("precision", "recall"):
             metrics[f"test_{key}.{name}"] = scores[key]
@@ -91,10 +92,14 @@ def evaluate(
         tracking.log_model(
             model_path, train_record.sha256, spec, register_as=params.register_as, score=train_record.val_accuracy
         )
-    log.info("%s: test accuracy %.4f, macro-F1 %.4f", run_name, report["accuracy"], report["macro_f1"])
+    log.info(
+        "%s: test accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f",
+        run_name, report["accuracy"], report["balanced_accuracy"], report["macro_f1"],
+    )  # fmt: skip
     return EvaluateRecord(
         run_name=run_name,
         test_accuracy=report["accuracy"],
+        balanced_accuracy=report["balanced_accuracy"],
         macro_f1=report["macro_f1"],
         outputs=[Output.of(metrics_path), Output.of(confusion_path)],
     )

@@ -20,7 +20,7 @@ from headstart.config import STORED, OptimParams, RunParams, SourceParams, Train
 from headstart.datasets import TaskData, load_task
 from headstart.extraction import source_network, stored_features
 from headstart.files import atomic_write
-from headstart.fit import FitResult
+from headstart.fit import FitResult, inverse_frequency
 from headstart.metrics import curves_figure
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta, TrainRecord, relative
 from headstart.strategies import (
@@ -39,9 +39,9 @@ def optim_of(strategy: str, params: TrainParams) -> OptimParams:
     return {"frozen": params.frozen, "partial": params.partial}.get(strategy, params.end_to_end)
 
 
-def recipe_of(strategy: str, params: TrainParams) -> Recipe:
-    """The head, optimiser, seed and device a strategy trains with under this train section."""
-    return Recipe(params.head, optim_of(strategy, params), params.seed, params.device)
+def recipe_of(strategy: str, params: TrainParams, class_weights: tuple[float, ...] | None = None) -> Recipe:
+    """The head, optimiser, seed, device and class weights a strategy trains with under this train section."""
+    return Recipe(params.head, optim_of(strategy, params), params.seed, params.device, class_weights)
 
 
 def choice(run: RunParams, source: SourceParams, advice: AdviseRecord | None) -> tuple[str, str, str]:
@@ -66,6 +66,7 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
         "optim": optim.model_dump(mode="json"),
         "seed": params.seed,
         "device": params.device,
+        "class_weights": params.class_weights,
     }
 
 
@@ -158,7 +159,11 @@ def train(
     log.info("%s: %s from %s at %s on %d images", run_name, strategy, run.source, cut, len(target.train))
     source_net, out_dir = source_network(weights), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = recipe_of(strategy, params)
+    weights_of_classes = None
+    if params.class_weights == "auto":
+        weights_of_classes = inverse_frequency(target.train.labels, target.num_classes)
+        log.info("%s: class weights %s", run_name, dict(zip(target.class_names, weights_of_classes, strict=True)))
+    recipe = recipe_of(strategy, params, weights_of_classes)
     with tracking.training_run(run_name, run_params(run, source, params, recipe.optim), tags):
         trained = train_strategy(
             strategy, source_net, weights.arch, target, weights.preprocess, recipe, cut, features, upper_init,
@@ -167,7 +172,8 @@ def train(
         baseline = None
         if needs_baseline(run.strategy, run.baseline, strategy):
             baseline = train_strategy(
-                "scratch", source_net, weights.arch, target, weights.preprocess, recipe_of("scratch", params), cut,
+                "scratch", source_net, weights.arch, target, weights.preprocess,
+                recipe_of("scratch", params, weights_of_classes), cut,
                 on_epoch=_log_baseline_epoch,
             )  # fmt: skip
         outcome = keep(trained, baseline, auto=run.strategy == "auto")

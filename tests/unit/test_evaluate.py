@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from sklearn.metrics import f1_score, precision_score, recall_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
 from headstart import metrics, tracking
 from headstart.checkpoints import load_model
@@ -37,6 +37,16 @@ def test_metrics_by_hand():
     assert [per[n]["recall"] for n in NAMES] == pytest.approx([1 / 2, 1.0, 1 / 2])
     assert [per[n]["support"] for n in NAMES] == [2, 2, 2]
     assert metrics.macro_f1(Y_TRUE, Y_PRED, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_balanced_accuracy_matches_sklearn_on_an_unbalanced_split():
+    rng = np.random.default_rng(3)
+    y_true = np.concatenate([np.zeros(90, int), np.ones(10, int), np.full(5, 2)])
+    y_pred = np.where(rng.random(105) < 0.7, y_true, rng.integers(0, 3, 105))
+    report = metrics.classification_report(y_true, y_pred, ["many", "few", "rare"])
+    assert report["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    always_many = metrics.classification_report(y_true, np.zeros(105, int), ["many", "few", "rare"])
+    assert always_many["accuracy"] > 0.85 and always_many["balanced_accuracy"] == pytest.approx(1 / 3)
 
 
 def test_macro_f1_and_per_class_match_sklearn():
@@ -125,10 +135,13 @@ def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
     trained, record, reports = evaluated[strategy]
     # the registered version is found in the registry by the weights' sha256 (test_evaluate_logs_to_the_train_run...)
     assert isinstance(record, EvaluateRecord)
-    assert set(EvaluateRecord.model_fields) == {"run_name", "test_accuracy", "macro_f1", "key", "outputs"}
+    assert set(EvaluateRecord.model_fields) == {
+        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "key", "outputs"
+    }  # fmt: skip
     assert record.run_name == f"eval-{strategy}"
     report = json.loads((reports / "metrics.json").read_text())
-    assert set(report) == {"accuracy", "macro_f1", "per_class", "n_test"}
+    assert set(report) == {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "n_test"}
+    assert report["balanced_accuracy"] == record.balanced_accuracy
     assert report["n_test"] == 15 and report["accuracy"] == record.test_accuracy
     assert report["macro_f1"] == record.macro_f1
     assert set(report["per_class"]) == {"target-0", "target-1", "target-2"}

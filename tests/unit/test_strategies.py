@@ -220,3 +220,31 @@ def test_constant_head_init_leaves_every_hidden_unit_a_copy(setup: Setup, tmp_pa
     if init == "zeros":  # no gradient reaches any weight: the head predicts one class
         assert record.val_accuracy == pytest.approx(1 / 3, abs=0.07)
     assert distinct_units(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))) is None
+
+
+def test_inverse_frequency_class_weights_raise_the_minority_recall():
+    """A 10:1 imbalance of overlapping classes: unweighted, the head favours the majority; auto weights fix it."""
+    from headstart.config import HeadParams, OptimParams
+    from headstart.fit import inverse_frequency
+    from headstart.metrics import classification_report
+    from headstart.strategies import Recipe, train_frozen_head
+
+    rng = np.random.default_rng(0)
+
+    def draw(n_major: int, n_minor: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([rng.normal(0.0, 1.0, (n_major, 2)), rng.normal((1.5, 0.0), 1.0, (n_minor, 2))])
+        return x.astype(np.float32), np.concatenate([np.zeros(n_major, int), np.ones(n_minor, int)])
+
+    train, val, test = draw(500, 50), draw(200, 20), draw(300, 300)
+    weights = inverse_frequency(train[1], 2)
+    assert weights == pytest.approx((550 / 1000, 550 / 100))
+    optim = OptimParams(epochs=30, batch_size=64, lr=0.05, patience=30)
+    recall = {}
+    for name, cw in (("none", None), ("auto", weights)):
+        head, _ = train_frozen_head(train, val, 2, Recipe(HeadParams(), optim, seed=0, device="cpu", class_weights=cw))
+        with torch.no_grad():
+            y_pred = head(torch.from_numpy(test[0])).argmax(1).numpy()
+        recall[name] = classification_report(test[1], y_pred, ["major", "minor"])["per_class"]["minor"]["recall"]
+    assert recall["auto"] > recall["none"] + 0.2, recall
+    with pytest.raises(ValueError, match="every class in the training split"):
+        inverse_frequency(np.zeros(5, int), 2)
