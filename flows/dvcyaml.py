@@ -154,7 +154,11 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 _rel(lay.extract_record(RUN_SOURCE)),
             ],
             "params": ["evaluate"],
-            "outs": [_rel(lay.reports / RUN / "confusion.png"), *_uncached(lay.evaluate_record(RUN))],
+            "outs": [
+                _rel(lay.reports / RUN / "confusion.png"),
+                _rel(lay.reports / RUN / "reliability.png"),
+                *_uncached(lay.evaluate_record(RUN)),
+            ],
             "metrics": _uncached(lay.reports / RUN / "metrics.json"),
         },
     }

@@ -12,7 +12,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -50,6 +50,8 @@ class ModelSpec(BaseModel):
     dropout: float = 0.0
     decode: Decode | None = None
     """How an image file becomes the pixels this model was trained on (the training data's own decoding)."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    """Probabilities are softmax(logits / temperature), fitted on validation (headstart.calibration)."""
 
     def decoding(self) -> Decode:
         """`decode`, or for a model saved without it: grey or RGB by its channels, the file's size kept."""

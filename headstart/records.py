@@ -233,6 +233,8 @@ class TrainRecord(StageRecord):
     baseline_val_accuracy: float | None = None
     negative_transfer: bool | None = None
     head_distinct_units: int | None = None
+    temperature: float = 1.0
+    """The calibration temperature fitted on validation (the model's spec holds it too)."""
 
 
 class EvaluateRecord(StageRecord):
@@ -241,3 +243,7 @@ class EvaluateRecord(StageRecord):
     balanced_accuracy: float
     """Mean recall over the classes: an unbalanced test split's fair figure."""
     macro_f1: float
+    ece: float
+    """Expected calibration error of the raw probabilities on the test split."""
+    ece_calibrated: float
+    """The same after temperature scaling: what `headstart predict` answers."""

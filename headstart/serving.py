@@ -132,14 +132,18 @@ def head_proba(net: StagedNet, spec: ModelSpec, features: Any) -> np.ndarray:
             f"got shape {x.shape}"
         )
     logits = predict_logits(net.stages[CLASSIFIER], x.reshape(len(x), *shape))
-    return torch.softmax(logits, dim=1).numpy()
+    return torch.softmax(logits / spec.temperature, dim=1).numpy()
 
 
-def predict_proba(net: torch.nn.Module, spec: ModelSpec, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Class probabilities for uint8 images, preprocessed exactly as in training."""
+def image_logits(net: torch.nn.Module, spec: ModelSpec, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Logits for uint8 images, preprocessed exactly as in training."""
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            logits = net(preprocess(images[i : i + batch], spec.preprocess))
-            out.append(torch.softmax(logits, dim=1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, spec.num_classes), dtype=np.float32)
+            out.append(net(preprocess(images[i : i + batch], spec.preprocess)))
+    return torch.cat(out) if out else torch.zeros((0, spec.num_classes))
+
+
+def predict_proba(net: torch.nn.Module, spec: ModelSpec, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Calibrated class probabilities for uint8 images: softmax of the logits over the model's temperature."""
+    return torch.softmax(image_logits(net, spec, images, batch) / spec.temperature, dim=1).numpy()

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.backbones import Preprocess, StagedNet, create_model, feature_shape, preprocess
+from headstart.backbones import CLASSIFIER, Preprocess, StagedNet, create_model, feature_shape, preprocess
 from headstart.config import STORED, Device, HeadParams, OptimParams, UpperInit
 from headstart.datasets import TaskData
-from headstart.fit import EpochCallback, FitResult, fit
+from headstart.fit import EpochCallback, FitResult, fit, predict_logits
 from headstart.heads import make_head
 
 Features = tuple[np.ndarray, np.ndarray]
@@ -201,6 +201,17 @@ def train_strategy(
         return Trained(strategy, net, net.cut_names[-1], result)
     net = end_to_end_net(source_net, arch, strategy, target.num_classes, recipe.head, pre, recipe.seed)
     return Trained(strategy, net, net.cut_names[-1], train_end_to_end(net, target, pre, recipe, on_epoch))
+
+
+def val_logits(
+    trained: Trained, target: TaskData, pre: Preprocess, cut: str, features: Features | None, device: Device = "auto"
+) -> torch.Tensor:
+    """The trained network's logits on the validation images (from the stored activations it trained on, if any)."""
+    if trained.strategy == "frozen":
+        return predict_logits(trained.net.stages[CLASSIFIER], features[1], device=device)
+    if trained.strategy == "partial":
+        return predict_logits(above_cut(trained.net, cut), features[1], device=device)
+    return predict_logits(trained.net, target.val.images, transform=partial(preprocess, spec=pre), device=device)
 
 
 def distinct_units(head: nn.Module) -> int | None:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from prefect import task
 
 from headstart import tracking
 from headstart.backbones import CLASSIFIER, StagedNet
 from headstart.caching import cached, run_logger
+from headstart.calibration import expected_calibration_error, reliability_figure, softmax
 from headstart.checkpoints import ModelSpec, load_model
 from headstart.config import EvaluateParams
 from headstart.datasets import load_task
@@ -24,7 +26,7 @@ from headstart.files import atomic_write
 from headstart.fit import predict_logits
 from headstart.metrics import classification_report, confusion_figure
 from headstart.records import EvaluateRecord, ExtractRecord, Output, TaskMeta, TrainRecord, absolute
-from headstart.serving import predict_proba
+from headstart.serving import image_logits, predict_proba
 
 
 def head_predictions(net: StagedNet, features: np.ndarray) -> np.ndarray:
@@ -38,10 +40,20 @@ def image_predictions(net: StagedNet, spec: ModelSpec, images: np.ndarray) -> np
     return predict_proba(net, spec, images).argmax(1)
 
 
+def calibration_report(logits: torch.Tensor, labels: np.ndarray, temperature: float) -> dict[str, float]:
+    """The test split's expected calibration error of the raw and of the temperature-scaled probabilities."""
+    return {
+        "temperature": temperature,
+        "ece": expected_calibration_error(softmax(logits), labels),
+        "ece_calibrated": expected_calibration_error(softmax(logits, temperature), labels),
+    }
+
+
 def mlflow_metrics(report: dict) -> dict[str, float]:
     """Test metrics as MLflow names them: test_accuracy, test_macro_f1, test_precision.<class>, ..."""
     metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]}
     metrics["test_balanced_accuracy"] = report["balanced_accuracy"]
+    metrics |= {"test_ece": report["ece"], "test_ece_calibrated": report["ece_calibrated"]}
     for name, scores in report["per_class"].items():
         for key in ("precision", "recall"):
             metrics[f"test_{key}.{name}"] = scores[key]
@@ -68,19 +80,30 @@ def evaluate(
             raise ValueError(
                 f"run {run_name!r} is frozen: it is scored on stored features and needs the extract record"
             )
-        y_pred = head_predictions(net, stored_features(extract_record, test.images, spec.cut))
+        logits = predict_logits(net.stages[CLASSIFIER], stored_features(extract_record, test.images, spec.cut))
     else:
-        y_pred = image_predictions(net, spec, test.images)
+        net.eval()
+        logits = image_logits(net, spec, test.images)
+    y_pred = logits.argmax(1).numpy()
     report = classification_report(test.labels, y_pred, spec.class_names)
+    report |= calibration_report(logits, test.labels, spec.temperature)
 
     out = Path(reports_dir) / run_name
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path, confusion_path = out / "metrics.json", out / "confusion.png"
+    metrics_path, confusion_path, reliability_path = (
+        out / "metrics.json",
+        out / "confusion.png",
+        out / "reliability.png",
+    )
     with atomic_write(metrics_path) as tmp:
         tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "confusion_matrix"}, indent=2))
     title = f"{run_name}: test accuracy {report['accuracy']:.4f}"
     with atomic_write(confusion_path) as tmp:
         confusion_figure(np.asarray(report["confusion_matrix"]), spec.class_names, title).savefig(tmp, format="png")
+    before, after = softmax(logits), softmax(logits, spec.temperature)
+    with atomic_write(reliability_path) as tmp:
+        title = f"{run_name}: test, temperature {spec.temperature:.2f}"
+        reliability_figure(before, after, test.labels, title).savefig(tmp, format="png")
 
     run_id = tracking.run_of_model(train_record.sha256)
     with tracking.training_run(
@@ -89,17 +112,21 @@ def evaluate(
         mlflow.log_metrics(mlflow_metrics(report))
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
         mlflow.log_artifact(str(confusion_path), artifact_path="evaluation")
+        mlflow.log_artifact(str(reliability_path), artifact_path="evaluation")
         tracking.log_model(
             model_path, train_record.sha256, spec, register_as=params.register_as, score=train_record.val_accuracy
         )
     log.info(
-        "%s: test accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f",
-        run_name, report["accuracy"], report["balanced_accuracy"], report["macro_f1"],
+        "%s: test accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f at temperature %.2f)",
+        run_name, report["accuracy"], report["balanced_accuracy"], report["macro_f1"], report["ece"],
+        report["ece_calibrated"], spec.temperature,
     )  # fmt: skip
     return EvaluateRecord(
         run_name=run_name,
         test_accuracy=report["accuracy"],
         balanced_accuracy=report["balanced_accuracy"],
         macro_f1=report["macro_f1"],
-        outputs=[Output.of(metrics_path), Output.of(confusion_path)],
+        ece=report["ece"],
+        ece_calibrated=report["ece_calibrated"],
+        outputs=[Output.of(metrics_path), Output.of(confusion_path), Output.of(reliability_path)],
     )

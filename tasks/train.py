@@ -10,11 +10,13 @@ import json
 from pathlib import Path
 
 import mlflow
+import torch
 from prefect import task
 
 from headstart import tracking
 from headstart.backbones import CLASSIFIER
 from headstart.caching import cached, run_logger
+from headstart.calibration import fit_temperature
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import STORED, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import TaskData, load_task
@@ -32,6 +34,7 @@ from headstart.strategies import (
     keep,
     needs_baseline,
     train_strategy,
+    val_logits,
 )
 
 
@@ -71,7 +74,7 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
 
 
 def model_spec(
-    trained: Trained, weights: SourceWeights, target: TaskData, meta: TaskMeta, params: TrainParams
+    trained: Trained, weights: SourceWeights, target: TaskData, meta: TaskMeta, params: TrainParams, temperature: float
 ) -> ModelSpec:
     """The saved network's spec: how to rebuild it and how its images are decoded and preprocessed."""
     return ModelSpec(
@@ -83,6 +86,7 @@ def model_spec(
         head=params.head,
         dropout=body_dropout(trained.net.upto(trained.spec_cut)),
         decode=meta.decode,
+        temperature=temperature,
     )
 
 
@@ -180,7 +184,11 @@ def train(
         _log_outcome(run_name, run, strategy, outcome)
         kept, result = outcome.kept, outcome.kept.result
         model_path, history_path = out_dir / "model.safetensors", out_dir / "history.json"
-        sha256 = save_model(kept.net, model_spec(kept, weights, target, task_meta, params), model_path)
+        logits = val_logits(kept, target, weights.preprocess, cut, features, params.device)
+        temperature = fit_temperature(logits, torch.as_tensor(target.val.labels))
+        mlflow.log_metric("temperature", temperature)
+        spec = model_spec(kept, weights, target, task_meta, params, temperature)
+        sha256 = save_model(kept.net, spec, model_path)
         mlflow.set_tag(tracking.MODEL_SHA_TAG, sha256)
         with atomic_write(history_path) as tmp:
             tmp.write_text(json.dumps(history(outcome), indent=2))
@@ -210,5 +218,6 @@ def train(
         baseline_val_accuracy=baseline.val_accuracy if baseline is not None else None,
         negative_transfer=outcome.negative_transfer,
         head_distinct_units=units,
+        temperature=temperature,
         outputs=[Output.of(model_path), Output.of(history_path)],
     )

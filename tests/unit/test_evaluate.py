@@ -136,19 +136,23 @@ def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
     # the registered version is found in the registry by the weights' sha256 (test_evaluate_logs_to_the_train_run...)
     assert isinstance(record, EvaluateRecord)
     assert set(EvaluateRecord.model_fields) == {
-        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "key", "outputs"
+        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated", "key", "outputs"
     }  # fmt: skip
     assert record.run_name == f"eval-{strategy}"
     report = json.loads((reports / "metrics.json").read_text())
-    assert set(report) == {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "n_test"}
+    assert set(report) == {
+        "accuracy", "balanced_accuracy", "macro_f1", "per_class", "n_test", "temperature", "ece", "ece_calibrated"
+    }  # fmt: skip
+    assert report["ece"] == record.ece and report["ece_calibrated"] == record.ece_calibrated
     assert report["balanced_accuracy"] == record.balanced_accuracy
     assert report["n_test"] == 15 and report["accuracy"] == record.test_accuracy
     assert report["macro_f1"] == record.macro_f1
     assert set(report["per_class"]) == {"target-0", "target-1", "target-2"}
     assert all({"precision", "recall"} <= set(v) for v in report["per_class"].values())
     assert (reports / "confusion.png").read_bytes().startswith(b"\x89PNG")
-    assert {Path(o.path).name for o in record.outputs} == {"metrics.json", "confusion.png"}
-    assert set(record.outputs) == {Output.of(reports / "metrics.json"), Output.of(reports / "confusion.png")}
+    assert {Path(o.path).name for o in record.outputs} == {"metrics.json", "confusion.png", "reliability.png"}
+    assert (reports / "reliability.png").read_bytes().startswith(b"\x89PNG")
+    assert Output.of(reports / "metrics.json") in record.outputs
 
 
 def test_frozen_scores_on_stored_features_equal_the_whole_network_on_images(setup: Setup, evaluated):
@@ -177,7 +181,7 @@ def test_evaluate_logs_to_the_train_run_and_registers(evaluated, strategy: str):
     assert "test_recall.target-0" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == trained.epochs  # train's metrics kept
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert evaluation == {"evaluation/metrics.json", "evaluation/confusion.png"}
+    assert evaluation == {"evaluation/metrics.json", "evaluation/confusion.png", "evaluation/reliability.png"}
     registered = tracking.registered_version(PARAMS.register_as, trained.sha256)
     assert registered is not None
     version = client.get_model_version(PARAMS.register_as, registered.version)
