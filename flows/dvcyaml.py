@@ -135,6 +135,7 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 "train.seed",
                 "train.device",
                 "train.class_weights",
+                "train.reject",
                 f"train.runs.{RUN}",
                 f"sources.{RUN_SOURCE}",
             ],  # fmt: skip

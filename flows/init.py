@@ -84,8 +84,16 @@ def check_images(folder: Path, data: DataParams) -> dict[str, int]:
     return {c: labels.count(c) for c in scan.classes}
 
 
-def folder_params(name: str, backbone: str, image_size: int) -> dict[str, Any]:
-    """params.yaml of a project on its own images: one ImageNet source, runs named after their strategy."""
+NONE_CLASSES = {"none", "other", "others", "unknown"}
+"""A class folder of these names is the user's own "none of these": no rejection threshold is added."""
+
+
+def folder_params(name: str, backbone: str, image_size: int, classes: list[str]) -> dict[str, Any]:
+    """params.yaml of a project on its own images: one ImageNet source, runs named after their strategy.
+
+    Without a none/other class folder, the models answer "none" below a confidence that rejects 5%
+    of the validation images (train.reject).
+    """
     uri, sha256 = BACKBONES[backbone]
     resize = round(image_size * 256 / 224)  # torchvision's ImageNet evaluation: resize 256, centre crop 224
     source: dict[str, Any] = {"weights": uri, "arch": backbone, "cut": "pool", "image_size": image_size}
@@ -111,6 +119,7 @@ def folder_params(name: str, backbone: str, image_size: int) -> dict[str, Any]:
             "end_to_end": {"epochs": 6, "batch_size": 32, "lr": 0.0003, "weight_decay": 0.0, "patience": 2},
             "seed": 0,
             "class_weights": "auto",  # photo folders are rarely balanced
+            "reject": None if NONE_CLASSES & {c.lower() for c in classes} else 0.05,
         },
         "evaluate": {"register_as": name},
         "advise": {"probe_per_class": 200, "small_per_class": 1000},
@@ -161,7 +170,8 @@ def init_project(dest: Path, images: Path | None, example: str | None, backbone:
     name = project_name(dest)
     counts = None
     if images is not None:
-        raw = folder_params(name, backbone, image_size)
+        classes = scan_folder(images.resolve()).classes
+        raw = folder_params(name, backbone, image_size, classes)
         counts = check_images(images.resolve(), parse_params(raw, "params.yaml").data)
     else:
         raw = yaml.safe_load((PROJECT / "params.yaml").read_text())

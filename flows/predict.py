@@ -18,7 +18,7 @@ from headstart.checkpoints import ModelSpec, load_model
 from headstart.config import WeightsParams
 from headstart.fmnist import read_idx
 from headstart.images import SUFFIXES, Decode, decode_image
-from headstart.serving import predict_images
+from headstart.serving import answers, predict_images
 from headstart.sources import fetch
 
 
@@ -67,10 +67,9 @@ def predict_files(uri: str, paths: Sequence[Path], cache_dir: Path) -> tuple[lis
     net, spec, sha256 = load_for_prediction(uri, cache_dir)
     names, images = read_inputs(paths, spec.decoding())
     probs = predict_images(net, spec, images)
-    best = probs.argmax(axis=1)
     rows = [
-        {"image": name, "class": spec.class_names[k], "probability": round(float(p[k]), 6)}
-        for name, k, p in zip(names, best, probs, strict=True)
+        {"image": name, "class": answer, "probability": round(float(p.max()), 6)}
+        for name, answer, p in zip(names, answers(spec, probs), probs, strict=True)
     ]
     return rows, sha256
 

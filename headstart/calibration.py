@@ -39,6 +39,15 @@ def softmax(logits: torch.Tensor | np.ndarray, temperature: float = 1.0) -> np.n
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float32) / temperature, dim=1).numpy()
 
 
+def rejection_threshold(probs: np.ndarray, share: float) -> float:
+    """The calibrated confidence below which an image is answered "none": `share` of these images fall under it.
+
+    Images of a class the model never saw tend to get lower confidence than its own classes', so a
+    threshold that costs `share` of the known images rejects many of the unknown ones.
+    """
+    return float(np.quantile(probs.max(axis=1), share))
+
+
 def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[dict[str, float]]:
     """Per confidence bin: how many predictions, their mean confidence and how often they were right."""
     confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)

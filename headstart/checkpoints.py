@@ -52,6 +52,8 @@ class ModelSpec(BaseModel):
     """How an image file becomes the pixels this model was trained on (the training data's own decoding)."""
     temperature: float = Field(default=1.0, gt=0.0)
     """Probabilities are softmax(logits / temperature), fitted on validation (headstart.calibration)."""
+    reject_below: float | None = Field(default=None, ge=0.0, le=1.0)
+    """An image whose top calibrated probability is below this is answered "none" (chosen on validation)."""
 
     def decoding(self) -> Decode:
         """`decode`, or for a model saved without it: grey or RGB by its channels, the file's size kept."""

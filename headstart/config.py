@@ -195,6 +195,8 @@ class TrainParams(_Section):
     device: Device = "auto"
     class_weights: Literal["auto", "none"] = "none"
     """auto: each class's loss term weighted by its inverse frequency in the training split (unbalanced folders)."""
+    reject: Annotated[float, Field(gt=0.0, lt=0.5)] | None = None
+    """Answer "none" below a calibrated confidence that rejects this share of the validation images; None: never."""
 
     @field_validator("runs")
     @classmethod

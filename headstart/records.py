@@ -235,6 +235,8 @@ class TrainRecord(StageRecord):
     head_distinct_units: int | None = None
     temperature: float = 1.0
     """The calibration temperature fitted on validation (the model's spec holds it too)."""
+    reject_below: float | None = None
+    """The calibrated confidence below which the model answers "none" (train.reject), or None."""
 
 
 class EvaluateRecord(StageRecord):

@@ -78,8 +78,18 @@ def table(spec: ModelSpec, probs: np.ndarray) -> Any:
     """The response: one row per input with the most likely class and its probability."""
     import pandas as pd
 
-    best = probs.argmax(axis=1)
-    return pd.DataFrame({"class": [spec.class_names[i] for i in best], "probability": probs.max(axis=1)})
+    return pd.DataFrame({"class": answers(spec, probs), "probability": probs.max(axis=1)})
+
+
+NONE = "none"
+"""The answer for an image the model is not confident enough about (its spec's `reject_below`)."""
+
+
+def answers(spec: ModelSpec, probs: np.ndarray) -> list[str]:
+    """The most likely class per row, or "none" below the model's rejection threshold."""
+    best, top = probs.argmax(axis=1), probs.max(axis=1)
+    below = spec.reject_below if spec.reject_below is not None else -1.0
+    return [NONE if p < below else spec.class_names[k] for k, p in zip(best, top, strict=True)]
 
 
 def uint8_images(array: np.ndarray) -> np.ndarray:

@@ -40,13 +40,21 @@ def image_predictions(net: StagedNet, spec: ModelSpec, images: np.ndarray) -> np
     return predict_proba(net, spec, images).argmax(1)
 
 
-def calibration_report(logits: torch.Tensor, labels: np.ndarray, temperature: float) -> dict[str, float]:
-    """The test split's expected calibration error of the raw and of the temperature-scaled probabilities."""
-    return {
-        "temperature": temperature,
+def calibration_report(logits: torch.Tensor, labels: np.ndarray, spec: ModelSpec) -> dict[str, float]:
+    """The test split's calibration error, raw and temperature-scaled; with a "none" threshold, the share it rejects.
+
+    The test images are all of the model's own classes, so every rejected one is a wrong "none".
+    """
+    calibrated = softmax(logits, spec.temperature)
+    report = {
+        "temperature": spec.temperature,
         "ece": expected_calibration_error(softmax(logits), labels),
-        "ece_calibrated": expected_calibration_error(softmax(logits, temperature), labels),
+        "ece_calibrated": expected_calibration_error(calibrated, labels),
     }
+    if spec.reject_below is not None:
+        report["reject_below"] = spec.reject_below
+        report["rejected_known"] = float((calibrated.max(axis=1) < spec.reject_below).mean())
+    return report
 
 
 def mlflow_metrics(report: dict) -> dict[str, float]:
@@ -54,6 +62,8 @@ def mlflow_metrics(report: dict) -> dict[str, float]:
     metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]}
     metrics["test_balanced_accuracy"] = report["balanced_accuracy"]
     metrics |= {"test_ece": report["ece"], "test_ece_calibrated": report["ece_calibrated"]}
+    if "rejected_known" in report:
+        metrics["test_rejected_known"] = report["rejected_known"]
     for name, scores in report["per_class"].items():
         for key in ("precision", "recall"):
             metrics[f"test_{key}.{name}"] = scores[key]
@@ -86,7 +96,7 @@ def evaluate(
         logits = image_logits(net, spec, test.images)
     y_pred = logits.argmax(1).numpy()
     report = classification_report(test.labels, y_pred, spec.class_names)
-    report |= calibration_report(logits, test.labels, spec.temperature)
+    report |= calibration_report(logits, test.labels, spec)
 
     out = Path(reports_dir) / run_name
     out.mkdir(parents=True, exist_ok=True)

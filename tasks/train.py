@@ -16,7 +16,7 @@ from prefect import task
 from headstart import tracking
 from headstart.backbones import CLASSIFIER
 from headstart.caching import cached, run_logger
-from headstart.calibration import fit_temperature
+from headstart.calibration import fit_temperature, rejection_threshold, softmax
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import STORED, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import TaskData, load_task
@@ -74,7 +74,13 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
 
 
 def model_spec(
-    trained: Trained, weights: SourceWeights, target: TaskData, meta: TaskMeta, params: TrainParams, temperature: float
+    trained: Trained,
+    weights: SourceWeights,
+    target: TaskData,
+    meta: TaskMeta,
+    params: TrainParams,
+    temperature: float = 1.0,
+    reject_below: float | None = None,
 ) -> ModelSpec:
     """The saved network's spec: how to rebuild it and how its images are decoded and preprocessed."""
     return ModelSpec(
@@ -87,6 +93,7 @@ def model_spec(
         dropout=body_dropout(trained.net.upto(trained.spec_cut)),
         decode=meta.decode,
         temperature=temperature,
+        reject_below=reject_below,
     )
 
 
@@ -186,8 +193,12 @@ def train(
         model_path, history_path = out_dir / "model.safetensors", out_dir / "history.json"
         logits = val_logits(kept, target, weights.preprocess, cut, features, params.device)
         temperature = fit_temperature(logits, torch.as_tensor(target.val.labels))
+        reject_below = None
+        if params.reject is not None:
+            reject_below = rejection_threshold(softmax(logits, temperature), params.reject)
+            mlflow.log_metric("reject_below", reject_below)
         mlflow.log_metric("temperature", temperature)
-        spec = model_spec(kept, weights, target, task_meta, params, temperature)
+        spec = model_spec(kept, weights, target, task_meta, params, temperature, reject_below)
         sha256 = save_model(kept.net, spec, model_path)
         mlflow.set_tag(tracking.MODEL_SHA_TAG, sha256)
         with atomic_write(history_path) as tmp:
@@ -219,5 +230,6 @@ def train(
         negative_transfer=outcome.negative_transfer,
         head_distinct_units=units,
         temperature=temperature,
+        reject_below=reject_below,
         outputs=[Output.of(model_path), Output.of(history_path)],
     )

@@ -55,3 +55,20 @@ def test_predict_proba_answers_the_models_calibrated_probabilities():
     assert np.allclose(predict_proba(net, spec, images), expected)
     plain = predict_proba(net, spec.model_copy(update={"temperature": 1.0}), images)
     assert not np.allclose(plain, expected) and np.array_equal(plain.argmax(1), expected.argmax(1))
+
+
+def test_the_none_threshold_rejects_the_asked_share_of_validation_and_predict_says_none():
+    from headstart.backbones import Preprocess
+    from headstart.calibration import rejection_threshold
+    from headstart.checkpoints import ModelSpec
+    from headstart.serving import NONE, answers
+
+    val_logits, _ = overconfident(1000, 3, scale=1.0)
+    probs = softmax(val_logits)
+    threshold = rejection_threshold(probs, 0.05)
+    assert (probs.max(axis=1) < threshold).mean() == pytest.approx(0.05, abs=0.002)
+    pre = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
+    spec = ModelSpec(arch="fmnist_cnn", num_classes=3, class_names=["a", "b", "c"], preprocess=pre, reject_below=0.6)
+    unsure_and_sure = np.array([[0.4, 0.35, 0.25], [0.1, 0.85, 0.05]])
+    assert answers(spec, unsure_and_sure) == [NONE, "b"]
+    assert answers(spec.model_copy(update={"reject_below": None}), unsure_and_sure) == ["a", "b"]
