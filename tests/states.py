@@ -33,5 +33,5 @@ def final_task_runs(client: SyncPrefectClient, flow_run_id: UUID, timeout_s: flo
 
 
 def task_states(client: SyncPrefectClient, flow_run_id: UUID) -> Counter:
-    """How many task runs of a flow run ended in each state, by task name (`train-3fa` -> `train`)."""
-    return Counter((tr.name.rsplit("-", 1)[0], tr.state_name) for tr in final_task_runs(client, flow_run_id))
+    """How many task runs of a flow run ended in each state, by task name (`train-fmnist-frozen` -> `train`)."""
+    return Counter((tr.name.split("-", 1)[0], tr.state_name) for tr in final_task_runs(client, flow_run_id))
