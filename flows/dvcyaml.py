@@ -112,8 +112,7 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 _rel(lay.extract_record(SOURCE)),
             ],
             "params": ["advise"],
-            "outs": [_rel(lay.advice(SOURCE) / "probe.png")],
-            "metrics": _uncached(lay.advice_record(SOURCE)),
+            "outs": [_rel(lay.advice(SOURCE) / "probe.png"), *_uncached(lay.advice_record(SOURCE))],
         },
     }
     stages["train"] = {
@@ -158,7 +157,8 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
             "outs": [
                 _rel(lay.reports / RUN / "confusion.png"),
                 _rel(lay.reports / RUN / "reliability.png"),
-                *_uncached(lay.evaluate_record(RUN)),
+                _rel(lay.reports / RUN / "mistakes.png"),
+                *_uncached(lay.evaluate_record(RUN), lay.reports / RUN / "per_class.json"),
             ],
             "metrics": _uncached(lay.reports / RUN / "metrics.json"),
         },

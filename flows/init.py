@@ -34,19 +34,14 @@ BACKBONES = {
 """Backbones `init --backbone` offers: their weights URI and, where known, the full sha256 pinned in params."""
 EXAMPLES = ("fashion-mnist",)
 GITIGNORE = """\
-# tools' state, kept in the project (headstart/env.py)
+# tools' state, kept in the project (headstart/env.py); DVC adds its cached outputs to .gitignore files itself,
+# and leaves the small records and metrics (cache: false) to git, so `dvc exp show` and `metrics diff` read them
 .prefect/
 .torch/
 .cache/
 mlflow.db
 mlartifacts/
 dvc_plots/
-# pipeline outputs, versioned by DVC
-/data/
-/models/
-/weights/
-/features/
-/reports/
 """
 DVCIGNORE = "**/*.partial\n"
 

@@ -18,8 +18,14 @@ from torch.nn import functional as F
 BINS = 15
 
 
+T_MIN, T_MAX = 1.0, 20.0
+"""Temperatures are never below 1: on a validation split the model gets all right (common with a few hundred
+photos) the likelihood keeps rising as T falls to 0, a fit to luck, not calibration; so the model is only ever
+made less sure of itself."""
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> float:
-    """The T in [0.05, 20] minimising the NLL of softmax(logits / T) (deterministic: LBFGS from T = 1)."""
+    """The T in [T_MIN, T_MAX] minimising the NLL of softmax(logits / T) (deterministic: LBFGS from T = 1)."""
     logits, labels = logits.detach().double(), labels.long()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
@@ -31,8 +37,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200
         return loss
 
     opt.step(closure)
-    t = float(log_t.exp().clamp(0.05, 20.0))
-    return t if np.isfinite(t) else 1.0
+    t = float(log_t.exp())
+    return float(np.clip(t, T_MIN, T_MAX)) if np.isfinite(t) else T_MIN
 
 
 def softmax(logits: torch.Tensor | np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -125,3 +125,30 @@ def curves_figure(history: Sequence[dict[str, float]], title: str = "training cu
         ax.legend()
     fig.suptitle(title)
     return fig
+
+
+def confident_mistakes(probs: np.ndarray, y_true: np.ndarray, k: int = 16) -> list[int]:
+    """Indices of the `k` wrong predictions made with the highest confidence: where a user looks first."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y_true)
+    return wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][:k].tolist()
+
+
+def mistakes_figure(
+    images: np.ndarray, probs: np.ndarray, y_true: np.ndarray, class_names: Sequence[str], title: str
+) -> Figure:
+    """A grid of the most confidently misclassified images, each titled true -> predicted (confidence)."""
+    chosen = confident_mistakes(probs, y_true)
+    cols = 4
+    rows = max(1, -(-len(chosen) // cols))
+    fig = _figure(2.2 * cols, 2.4 * rows + 0.4)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, chosen, strict=False):
+        ax.imshow(images[i], cmap="gray" if images[i].ndim == 2 else None, vmin=0, vmax=255)
+        predicted = int(probs[i].argmax())
+        ax.set_title(
+            f"{class_names[int(y_true[i])]} -> {class_names[predicted]}\n({probs[i, predicted]:.2f})", fontsize=8
+        )
+    fig.suptitle(title if chosen else f"{title}: no test image was misclassified")
+    return fig

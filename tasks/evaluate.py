@@ -24,7 +24,7 @@ from headstart.datasets import load_task
 from headstart.extraction import stored_features
 from headstart.files import atomic_write
 from headstart.fit import predict_logits
-from headstart.metrics import classification_report, confusion_figure
+from headstart.metrics import classification_report, confusion_figure, mistakes_figure
 from headstart.records import EvaluateRecord, ExtractRecord, Output, TaskMeta, TrainRecord, absolute
 from headstart.serving import image_logits, predict_proba
 
@@ -80,7 +80,7 @@ def evaluate(
     data_dir: Path,
     reports_dir: Path,
 ) -> EvaluateRecord:
-    """Score, write `reports/<run>/metrics.json` and `confusion.png`, add both to the train run, register the model."""
+    """Score, write `reports/<run>/` (metrics, per-class scores, figures), log them to the train run, register."""
     log = run_logger()
     model_path = absolute(train_record.path)
     net, spec = load_model(model_path, train_record.sha256)
@@ -100,13 +100,15 @@ def evaluate(
 
     out = Path(reports_dir) / run_name
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path, confusion_path, reliability_path = (
-        out / "metrics.json",
-        out / "confusion.png",
-        out / "reliability.png",
+    metrics_path, per_class_path = out / "metrics.json", out / "per_class.json"
+    confusion_path, reliability_path, mistakes_path = (
+        out / f"{n}.png" for n in ("confusion", "reliability", "mistakes")
     )
+    detail = {"per_class", "confusion_matrix"}  # their own file: `dvc metrics show` stays one compact row per run
     with atomic_write(metrics_path) as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "confusion_matrix"}, indent=2))
+        tmp.write_text(json.dumps({k: v for k, v in report.items() if k not in detail}, indent=2))
+    with atomic_write(per_class_path) as tmp:
+        tmp.write_text(json.dumps({k: report[k] for k in sorted(detail)}, indent=2))
     title = f"{run_name}: test accuracy {report['accuracy']:.4f}"
     with atomic_write(confusion_path) as tmp:
         confusion_figure(np.asarray(report["confusion_matrix"]), spec.class_names, title).savefig(tmp, format="png")
@@ -114,6 +116,9 @@ def evaluate(
     with atomic_write(reliability_path) as tmp:
         title = f"{run_name}: test, temperature {spec.temperature:.2f}"
         reliability_figure(before, after, test.labels, title).savefig(tmp, format="png")
+    with atomic_write(mistakes_path) as tmp:
+        title = f"{run_name}: the most confident mistakes on test"
+        mistakes_figure(test.images, after, test.labels, spec.class_names, title).savefig(tmp, format="png")
 
     run_id = tracking.run_of_model(train_record.sha256)
     with tracking.training_run(
@@ -121,8 +126,10 @@ def evaluate(
     ):
         mlflow.log_metrics(mlflow_metrics(report))
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
+        mlflow.log_artifact(str(per_class_path), artifact_path="evaluation")
         mlflow.log_artifact(str(confusion_path), artifact_path="evaluation")
         mlflow.log_artifact(str(reliability_path), artifact_path="evaluation")
+        mlflow.log_artifact(str(mistakes_path), artifact_path="evaluation")
         tracking.log_model(
             model_path, train_record.sha256, spec, register_as=params.register_as, score=train_record.val_accuracy
         )
@@ -138,5 +145,5 @@ def evaluate(
         macro_f1=report["macro_f1"],
         ece=report["ece"],
         ece_calibrated=report["ece_calibrated"],
-        outputs=[Output.of(metrics_path), Output.of(confusion_path), Output.of(reliability_path)],
+        outputs=[Output.of(p) for p in (metrics_path, per_class_path, confusion_path, reliability_path, mistakes_path)],
     )

@@ -73,6 +73,9 @@ def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(
     truth = {str(p): p.parent.name for p in new.rglob("*.*")}
     right = sum(row["class"] == truth[row["image"]] for row in answer)
     assert len(answer) == 15 and right >= 12, answer
+    exported = sh(project, "headstart", "export", "frozen", "--format", "onnx")
+    assert re.search(r"onnxruntime matches torch on \d+ test images \(max abs difference", exported.stdout)
+    assert (project / "models" / "runs" / "frozen" / "model.onnx").is_file()
 
     # 10 more photos of one class: data, extract (10 rows), advise, train and evaluate rerun under DVC
     images, labels = _photos(train, 10, skip=100)

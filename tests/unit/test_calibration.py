@@ -72,3 +72,8 @@ def test_the_none_threshold_rejects_the_asked_share_of_validation_and_predict_sa
     unsure_and_sure = np.array([[0.4, 0.35, 0.25], [0.1, 0.85, 0.05]])
     assert answers(spec, unsure_and_sure) == [NONE, "b"]
     assert answers(spec.model_copy(update={"reject_below": None}), unsure_and_sure) == ["a", "b"]
+
+
+def test_a_validation_split_without_mistakes_never_sharpens_the_model():
+    logits = torch.tensor([[3.0, 0.0], [0.0, 2.5], [4.0, 1.0]])
+    assert fit_temperature(logits, torch.tensor([0, 1, 0])) == 1.0  # the unbounded fit would run to T -> 0

@@ -49,6 +49,15 @@ def test_balanced_accuracy_matches_sklearn_on_an_unbalanced_split():
     assert always_many["accuracy"] > 0.85 and always_many["balanced_accuracy"] == pytest.approx(1 / 3)
 
 
+def test_the_most_confident_mistakes_come_first():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.05, 0.95], [0.7, 0.3]])
+    y_true = np.array([1, 1, 0, 0, 0])  # rows 0, 2 and 3 are wrong, with confidence 0.9, 0.6 and 0.95
+    assert metrics.confident_mistakes(probs, y_true) == [3, 0, 2]
+    assert metrics.confident_mistakes(probs, y_true, k=1) == [3]
+    fig = metrics.mistakes_figure(np.zeros((5, 8, 8), np.uint8), probs, y_true, ["a", "b"], "t")
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()][:1] == ["a -> b\n(0.95)"]
+
+
 def test_macro_f1_and_per_class_match_sklearn():
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 5, 300)
@@ -141,16 +150,20 @@ def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
     assert record.run_name == f"eval-{strategy}"
     report = json.loads((reports / "metrics.json").read_text())
     assert set(report) == {
-        "accuracy", "balanced_accuracy", "macro_f1", "per_class", "n_test", "temperature", "ece", "ece_calibrated"
+        "accuracy", "balanced_accuracy", "macro_f1", "n_test", "temperature", "ece", "ece_calibrated"
     }  # fmt: skip
+    detail = json.loads((reports / "per_class.json").read_text())
+    assert set(detail) == {"per_class", "confusion_matrix"} and np.sum(detail["confusion_matrix"]) == 15
     assert report["ece"] == record.ece and report["ece_calibrated"] == record.ece_calibrated
     assert report["balanced_accuracy"] == record.balanced_accuracy
     assert report["n_test"] == 15 and report["accuracy"] == record.test_accuracy
     assert report["macro_f1"] == record.macro_f1
-    assert set(report["per_class"]) == {"target-0", "target-1", "target-2"}
-    assert all({"precision", "recall"} <= set(v) for v in report["per_class"].values())
+    assert set(detail["per_class"]) == {"target-0", "target-1", "target-2"}
+    assert all({"precision", "recall"} <= set(v) for v in detail["per_class"].values())
     assert (reports / "confusion.png").read_bytes().startswith(b"\x89PNG")
-    assert {Path(o.path).name for o in record.outputs} == {"metrics.json", "confusion.png", "reliability.png"}
+    assert {Path(o.path).name for o in record.outputs} == {
+        "metrics.json", "per_class.json", "confusion.png", "reliability.png", "mistakes.png"
+    }  # fmt: skip
     assert (reports / "reliability.png").read_bytes().startswith(b"\x89PNG")
     assert Output.of(reports / "metrics.json") in record.outputs
 
@@ -181,7 +194,9 @@ def test_evaluate_logs_to_the_train_run_and_registers(evaluated, strategy: str):
     assert "test_recall.target-0" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == trained.epochs  # train's metrics kept
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert evaluation == {"evaluation/metrics.json", "evaluation/confusion.png", "evaluation/reliability.png"}
+    assert evaluation == {
+        f"evaluation/{f}" for f in ("metrics.json", "confusion.png", "reliability.png", "mistakes.png")
+    }
     registered = tracking.registered_version(PARAMS.register_as, trained.sha256)
     assert registered is not None
     version = client.get_model_version(PARAMS.register_as, registered.version)
