@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,8 @@ import pytest
 from PIL import Image
 
 from headstart.fmnist import SYSTEM_DIR, idx_files, read_fmnist
-from tests.e2e.conftest import sh
-from tests.tiny import install_mobilenet, write_image_folder
+from tests.e2e.conftest import project_env
+from tests.tiny import REPO, install_mobilenet, write_image_folder
 
 pytestmark = pytest.mark.e2e
 CLASSES = {0: "tshirt", 1: "trouser", 7: "sneaker"}
@@ -37,6 +39,16 @@ def _photos(split, per_class: int, skip: int = 0) -> tuple[np.ndarray, np.ndarra
         images.append(members)
         labels.append(np.full(len(members), index))
     return np.concatenate(images), np.concatenate(labels)
+
+
+def sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
+    """A command in the project, running this checkout's headstart (an `init`ed project holds no code of its own)."""
+    env = {**project_env(root), "PYTHONPATH": str(REPO)}
+    exe = Path(sys.executable).with_name(cmd[0])
+    proc = subprocess.run([str(exe), *cmd[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def _computed(output: str) -> int:
