@@ -12,6 +12,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,10 +64,11 @@ class TaskData:
         return combine(*parts)
 
 
-def save_task(task: TaskData, directory: Path, decode: Decode) -> dict:
+def save_task(task: TaskData, directory: Path, decode: Decode, lineage: dict[str, Any] | None = None) -> dict:
     """Write `<directory>/<name>.npz` and `.json` atomically; return the `.json` content (a TaskMeta).
 
     `decode` is how an image file becomes one of these images: a model trained on them keeps it.
+    `lineage` (where the images came from, the data params) goes into the `.json` as it is.
     """
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {}
@@ -87,6 +89,7 @@ def save_task(task: TaskData, directory: Path, decode: Decode) -> dict:
         "class_counts": task.class_counts(),
         "fingerprint": task.fingerprint(),
         "decode": decode.model_dump(mode="json"),
+        **(lineage or {}),
     }
     meta = directory / f"{task.name}.json"
     tmp = atomic_path(meta)

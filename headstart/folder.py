@@ -9,6 +9,7 @@ Only PNG and JPEG files are images; other files are skipped and counted, hidden 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,20 @@ def scan_folder(folder: Path) -> FolderScan:
     if unknown:
         raise ValueError(f"{folder}: classes {unknown} have images in val/test but none in train/")
     return FolderScan(images=images, classes=classes, skipped=dict(sorted(skipped.items())))
+
+
+def dvc_dir_md5(folder: Path) -> str:
+    """The hash `dvc add` gives the folder: md5 of the sorted JSON list of its files' md5 and relative paths, + `.dir`.
+
+    Every file counts, as for DVC (hidden ones too), except the `.partial` files .dvcignore leaves out.
+    """
+    entries = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not f.name.endswith(".partial"):
+            md5 = hashlib.md5(f.read_bytes(), usedforsecurity=False).hexdigest()
+            entries.append({"md5": md5, "relpath": f.relative_to(folder).as_posix()})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
 
 
 def unit_draw(sha256: str, seed: int, purpose: str) -> float:

@@ -116,6 +116,10 @@ class TaskMeta(Record):
     fingerprint: str
     decode: Decode
     """How an image file becomes one of this task's images: the decoding a model trained on it keeps."""
+    data_version: str | None = None
+    """The image folder's DVC hash (as `dvc add` records it), or None for Fashion-MNIST: the lineage MLflow shows."""
+    data_params: dict[str, Any] = {}
+    """The data section the task was made with (logged as every training run's `data.*` params)."""
 
 
 class DataRecord(StageRecord):

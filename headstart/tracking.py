@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from headstart.caching import run_logger
 from headstart.checkpoints import WEIGHTS_SHA_TAG, ModelSpec
 from headstart.env import project_root
+from headstart.records import TaskMeta
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,22 @@ def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
     """One epoch's metrics into the active run (step = epoch) and the run's log (no progress bar outside a tty)."""
     mlflow.log_metrics(dict(metrics), step=epoch)
     run_logger().info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def log_data_lineage(meta: TaskMeta) -> None:
+    """The training data as an MLflow dataset (the UI's Datasets column) and the data params as `data.*` run params.
+
+    The digest is the image folder's DVC hash (the one `dvc add` writes into `images.dvc`), so a run
+    says exactly which version of the photos it saw; for Fashion-MNIST, the task's content fingerprint.
+    """
+    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    folder = str(meta.data_params.get("image_folder") or "fashion-mnist")
+    digest = meta.data_version or meta.fingerprint[:32]
+    dataset = MetaDataset(LocalArtifactDatasetSource(folder), name=f"{folder}@{digest[:8]}", digest=digest)
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_params({f"data.{k}": v for k, v in meta.data_params.items()})
 
 
 def log_model(

@@ -20,7 +20,7 @@ from headstart.config import DataParams
 from headstart.datasets import Split, TaskData, save_task
 from headstart.fingerprint import sha256_bytes
 from headstart.fmnist import class_names_for, read_fmnist, resolve_source, select_labels
-from headstart.folder import check_splits, content_split, scan_folder, unit_draw
+from headstart.folder import check_splits, content_split, dvc_dir_md5, scan_folder, unit_draw
 from headstart.images import FMNIST_DECODE, Decode, decode_image
 from headstart.records import DataRecord, Output, RawRecord, TaskMeta, absolute
 from headstart.splits import nested_fraction, stratified_split
@@ -126,7 +126,10 @@ def data(params: DataParams, raw: RawRecord, out_dir: Path, download_dir: Path, 
         decode = Decode(mode="RGB", size=params.folder_image_size, resize=params.folder_resize)
         tasks.append((read_image_folder(absolute(str(params.image_folder)), decode, params), decode))
     out_dir = absolute(str(out_dir))
-    metas = {t.name: TaskMeta(**save_task(t, out_dir, decode)) for t, decode in tasks}
+    lineage = {"source": {}, "target": {"data_params": params.model_dump(mode="json")}}
+    if params.image_folder is not None:
+        lineage["target"]["data_version"] = dvc_dir_md5(absolute(str(params.image_folder)))
+    metas = {t.name: TaskMeta(**save_task(t, out_dir, decode, lineage[t.name])) for t, decode in tasks}
     for meta in metas.values():
         log.info("task %s: %d classes, counts %s", meta.name, len(meta.class_names), meta.counts)
         log.info("task %s per class: %s", meta.name, meta.class_counts)

@@ -176,6 +176,7 @@ def train(
         log.info("%s: class weights %s", run_name, dict(zip(target.class_names, weights_of_classes, strict=True)))
     recipe = recipe_of(strategy, params, weights_of_classes)
     with tracking.training_run(run_name, run_params(run, source, params, recipe.optim), tags):
+        tracking.log_data_lineage(task_meta)
         trained = train_strategy(
             strategy, source_net, weights.arch, target, weights.preprocess, recipe, cut, features, upper_init,
             tracking.log_epoch,

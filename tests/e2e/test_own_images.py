@@ -7,6 +7,8 @@ modes; the project is made by `headstart init` (git, DVC, `dvc add images`) and 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from mlflow import MlflowClient
 from PIL import Image
 
 from headstart.fmnist import SYSTEM_DIR, idx_files, read_fmnist
@@ -114,3 +118,23 @@ def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(
     removed = sh(project, "dvc", "repro")
     out = removed.stdout + removed.stderr
     assert {"data", "extract@imagenet", "train@frozen"} <= _ran(out) and _computed(out) == 0
+
+    # lineage: the newest training run's MLflow dataset is the photos' DVC version
+    version = yaml.safe_load((project / "images.dvc").read_text())["outs"][0]["md5"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    latest = client.search_runs(
+        [client.get_experiment_by_name("closet").experiment_id], "tags.stage = 'train'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )[0]  # fmt: skip
+    assert [d.dataset.digest for d in latest.inputs.dataset_inputs] == [version]
+    assert latest.data.params["data.image_folder"] == "images"
+
+    # experiments: the records and metrics are in git, so `dvc exp show` has every metric of both
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "photos")
+    sh(project, "dvc", "exp", "run", "-n", "faster", "--set-param", "train.frozen.lr=0.003")
+    rows = list(csv.DictReader(io.StringIO(sh(project, "dvc", "exp", "show", "--csv").stdout)))
+    shown = {row["Experiment"]: row for row in rows}
+    assert "faster" in shown, rows
+    column = "reports/frozen/metrics.json:accuracy"
+    assert all(re.fullmatch(r"[\d.]+", row[column]) for row in rows if row["Experiment"] in ("", "faster")), rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,7 +11,7 @@ from PIL import Image
 from flows.init import check_images, init_project
 from headstart.config import DataParams
 from headstart.fingerprint import sha256_file
-from headstart.folder import content_split, scan_folder
+from headstart.folder import content_split, dvc_dir_md5, scan_folder
 from headstart.images import Decode, decode_image
 from headstart.tracking import champion_verdict, classes_tag
 from tasks.data import read_image_folder
@@ -135,3 +137,21 @@ def test_init_refuses_what_it_cannot_train_on(tmp_path):
         check_images(folder, DataParams(image_folder=folder))
     assert all(str(p) in str(err.value) for p in bad)
     assert not (tmp_path / "new").exists()
+
+
+def test_the_data_version_is_the_hash_dvc_add_records(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    folder = _folder(tmp_path, n=9, name="images")
+    (folder / "cat" / "notes.txt").write_text("DVC versions every file, images or not")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "add", "-q", "images"], cwd=tmp_path, check=True)
+    recorded = yaml.safe_load((tmp_path / "images.dvc").read_text())["outs"][0]["md5"]
+    assert dvc_dir_md5(folder) == recorded
+    (folder / "dog" / "new.png").write_bytes((folder / "cat" / "notes.txt").read_bytes())
+    assert dvc_dir_md5(folder) != recorded
