@@ -111,6 +111,8 @@ class Architecture:
     default_cut: str
     native_state: Callable[[StagedNet, dict[str, torch.Tensor]], None] | None = None
     """Loads a state dict saved in the architecture's native key layout (torchvision's), if any."""
+    image_size: int = 224
+    """The input side its weights are usually evaluated at (a source's image_size: None takes it)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -122,10 +124,18 @@ def register(arch: Architecture) -> Architecture:
 
 
 def get_architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise KeyError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}") from None
+    """A registered architecture, else any torchvision classifier or `timm:<name>` (registered on first use)."""
+    if name not in ARCHITECTURES:
+        from headstart.library_backbones import library_architecture  # it builds on this module
+
+        found = library_architecture(name)
+        if found is None:
+            raise KeyError(
+                f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}, a torchvision "
+                "classification model (torchvision.models.list_models()) or timm:<model_name>"
+            )
+        register(found)
+    return ARCHITECTURES[name]
 
 
 def create_model(
@@ -201,6 +211,7 @@ register(
         mean=(0.5,),
         std=(0.5,),
         default_cut="block2",
+        image_size=28,
     )
 )
 

@@ -18,6 +18,7 @@ Strategy = Literal["frozen", "partial", "finetune", "scratch", "auto"]
 UpperInit = Literal["pretrained", "random"]
 HeadInit = Literal["kaiming", "xavier", "zeros", "ones"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+AUTO_CUT = "auto"
 STORED = ("frozen", "partial")
 """Strategies that train on the extract stage's stored activations."""
 
@@ -105,10 +106,12 @@ class SourceParams(_Section):
     """Full sha256 the weights must have; required for https://, optional elsewhere."""
     arch: str
     cut: str
-    """Name of the stage whose output is stored; everything up to it is frozen."""
+    """Name of the stage whose output is stored; everything up to it is frozen. `auto`: the architecture's own
+    default (a torchvision or timm model's penultimate features)."""
     taps: list[str] = []
     """More stages whose outputs the same forward pass stores beside the cut's: runs and the probe may cut there."""
-    image_size: Annotated[int, Field(ge=8, le=512)] = 28
+    image_size: Annotated[int | None, Field(ge=8, le=512)] = None
+    """Side of the square the network sees; None: the weights' own (torchvision's crop size, timm's input size)."""
 
     @property
     def stored_cuts(self) -> list[str]:

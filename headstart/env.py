@@ -31,6 +31,10 @@ def configure_environment(root: Path | str | None = None) -> Path:
         "DVC_SITE_CACHE_DIR": str(root / ".dvc" / "site_cache"),
         "TORCH_HOME": str(root / ".torch"),
         "GIT_PYTHON_REFRESH": "quiet",
+        # MKL's strict reproducibility: a matrix product gives the same bits on 1 or N threads (on AVX-512
+        # CPUs it does not by default), so the same params and seed give the same features and metrics
+        # whatever the thread count, and Dask workers (one thread) write bitwise the local store's rows
+        "MKL_CBWR": "AUTO,STRICT",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -78,6 +78,8 @@ class Fetched:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     spec: ModelSpec | None = None
+    image_size: int | None = None
+    """The input size the weights were evaluated at (torchvision's crop size), when the source says."""
 
 
 def parse_uri(uri: str) -> WeightsURI:
@@ -248,7 +250,9 @@ def _fetch_torchvision(parsed: WeightsURI, sha256: str | None, params: WeightsPa
             parsed.target, weights.name, dest, expected, actual,
         )  # fmt: skip
     transforms = weights.transforms()
-    return Fetched(dest, actual, tuple(transforms.mean), tuple(transforms.std))
+    crop = getattr(transforms, "crop_size", None)
+    size = int(crop[0]) if crop else None
+    return Fetched(dest, actual, tuple(transforms.mean), tuple(transforms.std), image_size=size)
 
 
 def _model_version(parsed: WeightsURI, uri: str) -> Any:

@@ -106,6 +106,16 @@ def train_end_to_end(
     )
 
 
+def check_partial(source_net: StagedNet, arch: str, cut: str) -> None:
+    """partial trains source stages above the cut: a network of one stage (a library model's) has none to train."""
+    if len(source_net.cut_names) == 1:
+        raise ValueError(
+            f"partial on {arch} at {cut!r}: headstart holds this model as one stage, so no source layer lies above "
+            "the cut; use frozen or finetune, or an architecture split into stages (mobilenet_v2, "
+            "mobilenet_v3_small, resnet18, fmnist_cnn)"
+        )
+
+
 def partial_net(
     source_net: StagedNet,
     arch: str,
@@ -196,6 +206,7 @@ def train_strategy(
         head, result = train_frozen_head(train_xy, val_xy, target.num_classes, recipe, on_epoch)
         return Trained(strategy, source_net.upto(cut).with_classifier(head), cut, result)
     if strategy == "partial":
+        check_partial(source_net, arch, cut)
         net = partial_net(source_net, arch, cut, target.num_classes, recipe.head, pre, recipe.seed, upper_init)
         result = train_partial(net, cut, train_xy, val_xy, recipe, on_epoch)
         return Trained(strategy, net, net.cut_names[-1], result)

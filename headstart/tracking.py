@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,12 +146,15 @@ def log_data_lineage(meta: TaskMeta) -> None:
     The digest is the image folder's DVC hash (the one `dvc add` writes into `images.dvc`), so a run
     says exactly which version of the photos it saw; for Fashion-MNIST, the task's content fingerprint.
     """
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     folder = str(meta.data_params.get("image_folder") or "fashion-mnist")
     digest = meta.data_version or meta.fingerprint[:32]
-    dataset = MetaDataset(LocalArtifactDatasetSource(folder), name=f"{folder}@{digest[:8]}", digest=digest)
+    with warnings.catch_warnings():  # MLflow warns that a local path is resolved as a local artifact source
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(folder)
+    dataset = MetaDataset(source, name=f"{folder}@{digest[:8]}", digest=digest)
     mlflow.log_input(dataset, context="training")
     mlflow.log_params({f"data.{k}": v for k, v in meta.data_params.items()})
 

@@ -18,7 +18,7 @@ from headstart.backbones import CLASSIFIER
 from headstart.caching import cached, run_logger
 from headstart.calibration import fit_temperature, rejection_threshold, softmax
 from headstart.checkpoints import ModelSpec, save_model
-from headstart.config import STORED, OptimParams, RunParams, SourceParams, TrainParams
+from headstart.config import AUTO_CUT, STORED, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import TaskData, load_task
 from headstart.extraction import source_network, stored_features
 from headstart.files import atomic_write
@@ -156,6 +156,7 @@ def train(
     log = run_logger()
     target = load_task(Path(data_dir), "target")
     strategy, cut, upper_init = choice(run, source, advice_record)
+    cut = weights.cut if cut == AUTO_CUT else cut  # the weights stage resolved `auto`
     tags = {"stage": "train", "strategy": run.strategy, "source": run.source, "data_fingerprint": target.fingerprint()}
     tags |= {
         "weights_sha256": weights.sha256,

@@ -14,7 +14,7 @@ from prefect import task
 from headstart.backbones import Preprocess, create_model, get_architecture
 from headstart.caching import cached, run_logger
 from headstart.checkpoints import build_model
-from headstart.config import SourceParams, WeightsParams
+from headstart.config import AUTO_CUT, SourceParams, WeightsParams
 from headstart.records import Output, SourceWeights, WeightsRecord, relative
 from headstart.sources import Fetched, WeightsURI, content_pin, fetch, parse_uri
 
@@ -31,9 +31,14 @@ def check_source(name: str, source: SourceParams) -> WeightsURI:
             f"sources.{name}: weights {source.weights!r} are for {parsed.target!r}, but arch is {source.arch!r}"
         )
     cuts = create_model(source.arch, 1).cut_names
-    if source.cut not in cuts:
+    if resolved_cut(source) not in cuts:
         raise ValueError(f"sources.{name}.cut is {source.cut!r}; {source.arch} has the cut points {cuts}")
     return parsed
+
+
+def resolved_cut(source: SourceParams) -> str:
+    """The source's cut, `auto` being its architecture's default cut."""
+    return get_architecture(source.arch).default_cut if source.cut == AUTO_CUT else source.cut
 
 
 def check_fetched(name: str, source: SourceParams, fetched: Fetched) -> None:
@@ -45,17 +50,17 @@ def check_fetched(name: str, source: SourceParams, fetched: Fetched) -> None:
         raise ValueError(f"sources.{name}: {fetched.path} holds a {spec.arch!r} model, but arch is {source.arch!r}")
     if spec.cut is not None:
         cuts = build_model(spec).cut_names
-        if source.cut not in cuts:
+        if resolved_cut(source) not in cuts:
             raise ValueError(
                 f"sources.{name}.cut is {source.cut!r}; the model in {fetched.path} has the cut points {cuts}"
             )
 
 
 def source_preprocess(source: SourceParams, fetched: Fetched) -> Preprocess:
-    """The source's image size, the architecture's channels, the mean/std the weights were trained with."""
+    """The source's image size (else the weights' own), the architecture's channels, the weights' mean/std."""
     arch = get_architecture(source.arch)
     return Preprocess(
-        image_size=source.image_size,
+        image_size=source.image_size or fetched.image_size or arch.image_size,
         channels=arch.channels,
         mean=fetched.mean if fetched.mean is not None else arch.mean,
         std=fetched.std if fetched.std is not None else arch.std,
@@ -69,7 +74,7 @@ def make_record(name: str, source: SourceParams, fetched: Fetched) -> SourceWeig
         path=relative(fetched.path),
         sha256=fetched.sha256,
         arch=source.arch,
-        cut=source.cut,
+        cut=resolved_cut(source),
         preprocess=source_preprocess(source, fetched),
     )
 

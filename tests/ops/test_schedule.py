@@ -179,7 +179,7 @@ def test_each_run_publishes_its_summary_and_training_progress(first_two, schedul
     ):
         assert expected in summary.data
     assert f"runs/{mlflow_run.info.run_id})" in summary.data
-    bars = {a.description.split(":")[0].rsplit("-", 1)[0]: a.data for a in artifacts if a.type == "progress"}
+    bars = {a.description.split(":")[0].split("-", 1)[0]: a.data for a in artifacts if a.type == "progress"}
     assert bars == {"pretrain": 100.0, "extract": 100.0, "advise": 100.0, "train": 100.0}
 
 

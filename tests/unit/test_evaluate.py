@@ -195,7 +195,8 @@ def test_evaluate_logs_to_the_train_run_and_registers(evaluated, strategy: str):
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == trained.epochs  # train's metrics kept
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert evaluation == {
-        f"evaluation/{f}" for f in ("metrics.json", "confusion.png", "reliability.png", "mistakes.png")
+        f"evaluation/{f}"
+        for f in ("metrics.json", "per_class.json", "confusion.png", "reliability.png", "mistakes.png")
     }
     registered = tracking.registered_version(PARAMS.register_as, trained.sha256)
     assert registered is not None

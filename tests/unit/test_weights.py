@@ -362,7 +362,7 @@ def test_torchvision_weights_from_a_prefilled_hub_cache(torch_home: Path, tmp_pa
 
     assert record.path == str(torch_home / name) and record.sha256 == sha
     assert record.preprocess.model_dump(mode="json") == {
-        "image_size": 28,
+        "image_size": 224,  # no image_size in params: the weights' own crop size (their transforms')
         "channels": 3,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
