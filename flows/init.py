@@ -23,15 +23,10 @@ from headstart.fingerprint import sha256_file
 from headstart.folder import check_splits, content_split, scan_folder
 from headstart.images import FORMATS, Decode, decode_image
 
-BACKBONES = {
-    "mobilenet_v2": (
-        "torchvision:mobilenet_v2/IMAGENET1K_V1",
-        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-    ),
-    "mobilenet_v3_small": ("torchvision:mobilenet_v3_small/IMAGENET1K_V1", None),
-    "resnet18": ("torchvision:resnet18/IMAGENET1K_V1", None),
+PINNED_SHA256 = {
+    "torchvision:mobilenet_v2/IMAGENET1K_V1": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
 }
-"""Backbones `init --backbone` offers: their weights URI and, where known, the full sha256 pinned in params."""
+"""Full sha256 of weights headstart has checked; others are trusted on first use against the hash in their name."""
 EXAMPLES = ("fashion-mnist",)
 GITIGNORE = """\
 # tools' state, kept in the project (headstart/env.py); DVC adds its cached outputs to .gitignore files itself,
@@ -83,24 +78,51 @@ NONE_CLASSES = {"none", "other", "others", "unknown"}
 """A class folder of these names is the user's own "none of these": no rejection threshold is added."""
 
 
-def folder_params(name: str, backbone: str, image_size: int, classes: list[str]) -> dict[str, Any]:
+def backbone_source(backbone: str, image_size: int | None) -> tuple[dict[str, Any], int]:
+    """A source entry for a torchvision model with its DEFAULT ImageNet weights, and the resize side before the crop.
+
+    The crop and resize sides are the weights' own evaluation transforms' (224 and 256 for most);
+    `image_size` replaces the crop side, the resize side scaled with it.
+    """
+    import torchvision
+
+    from headstart.backbones import get_architecture
+
+    try:
+        enum = torchvision.models.get_model_weights(backbone)
+    except ValueError:
+        raise ValueError(
+            f"unknown backbone {backbone!r}; expected a torchvision classification model such as mobilenet_v2, "
+            "resnet50, efficientnet_b0 or convnext_tiny (torchvision.models.list_models()); for timm models edit "
+            "sources in params.yaml"
+        ) from None
+    pinned = [uri.rsplit("/", 1)[1] for uri in PINNED_SHA256 if uri.startswith(f"torchvision:{backbone}/")]
+    member = enum[pinned[0]] if pinned else enum.DEFAULT  # weights headstart checked (make install provides them)
+    transforms = member.transforms()
+    crop, resize = int(transforms.crop_size[0]), int(transforms.resize_size[0])
+    if image_size is not None:
+        crop, resize = image_size, round(image_size * resize / crop)
+    uri = f"torchvision:{backbone}/{member.name}"
+    source = {"weights": uri, "arch": backbone, "cut": get_architecture(backbone).default_cut, "image_size": crop}
+    if uri in PINNED_SHA256:
+        source["sha256"] = PINNED_SHA256[uri]
+    return source, resize
+
+
+def folder_params(name: str, backbone: str, image_size: int | None, classes: list[str]) -> dict[str, Any]:
     """params.yaml of a project on its own images: one ImageNet source, runs named after their strategy.
 
     Without a none/other class folder, the models answer "none" below a confidence that rejects 5%
     of the validation images (train.reject).
     """
-    uri, sha256 = BACKBONES[backbone]
-    resize = round(image_size * 256 / 224)  # torchvision's ImageNet evaluation: resize 256, centre crop 224
-    source: dict[str, Any] = {"weights": uri, "arch": backbone, "cut": "pool", "image_size": image_size}
-    if sha256:
-        source["sha256"] = sha256
+    source, resize = backbone_source(backbone, image_size)
     return {
         "name": name,
         "data": {
             "image_folder": "images",
             "val_fraction": 0.15,
             "test_fraction": 0.15,
-            "folder_image_size": image_size,
+            "folder_image_size": source["image_size"],
             "folder_resize": resize,
             "seed": 0,
         },
@@ -152,7 +174,9 @@ def _sh(dest: Path, *cmd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed in {dest}:\n{(proc.stdout + proc.stderr).strip()[-2000:]}")
 
 
-def init_project(dest: Path, images: Path | None, example: str | None, backbone: str, image_size: int) -> Path:
+def init_project(
+    dest: Path, images: Path | None, example: str | None, backbone: str = "mobilenet_v2", image_size: int | None = None
+) -> Path:
     """Create the project at `dest` (which must be absent or empty); returns its params file."""
     if (images is None) == (example is None):
         raise ValueError("give exactly one of --images FOLDER or --example fashion-mnist")
@@ -160,8 +184,6 @@ def init_project(dest: Path, images: Path | None, example: str | None, backbone:
         raise FileExistsError(f"{dest}: not empty; headstart init makes a new project in an empty or new folder")
     if example is not None and example not in EXAMPLES:
         raise ValueError(f"unknown example {example!r}; expected one of {list(EXAMPLES)}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
     name = project_name(dest)
     counts = None
     if images is not None:

@@ -155,3 +155,17 @@ def test_the_data_version_is_the_hash_dvc_add_records(tmp_path):
     assert dvc_dir_md5(folder) == recorded
     (folder / "dog" / "new.png").write_bytes((folder / "cat" / "notes.txt").read_bytes())
     assert dvc_dir_md5(folder) != recorded
+
+
+def test_init_takes_any_torchvision_model_with_its_weights_own_sizes():
+    from flows.init import backbone_source
+
+    source, resize = backbone_source("efficientnet_b0", None)
+    assert source == {
+        "weights": "torchvision:efficientnet_b0/IMAGENET1K_V1", "arch": "efficientnet_b0", "cut": "penultimate",
+        "image_size": 224,
+    } and resize == 256  # fmt: skip
+    pinned, resize = backbone_source("mobilenet_v2", 64)
+    assert pinned["weights"].endswith("/IMAGENET1K_V1") and len(pinned["sha256"]) == 64 and resize == 73
+    with pytest.raises(ValueError, match="unknown backbone 'nosuch'; expected a torchvision classification model"):
+        backbone_source("nosuch", None)
