@@ -262,6 +262,21 @@ def export(
 
 
 @app.command()
+def backbones(
+    image_size: Annotated[int, typer.Option(min=8, max=1024, help="Image side the activation shapes are for.")] = 224,
+    model: Annotated[str | None, typer.Option(help="One architecture: resnet50, timm:convnext_tiny, ...")] = None,
+) -> None:
+    """The architectures a source can use, their cut points with activation shapes, the weights present locally."""
+    from flows.catalog import catalog_text
+
+    try:
+        typer.echo(catalog_text(image_size, Path(os.environ["TORCH_HOME"]), model))
+    except KeyError as err:
+        typer.echo(f"error: {err.args[0]}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
 def schedule(
     params_file: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
