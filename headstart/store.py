@@ -64,6 +64,15 @@ class IncompleteStoreError(StoreError):
     """The store has no valid completion marker: an extraction is running, was killed, or it was altered."""
 
 
+def _non_finite_rows(array: np.ndarray) -> np.ndarray:
+    """Positions of the rows holding a NaN or an infinity."""
+    return np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+
+
+class NonFiniteError(StoreError):
+    """Activations with NaN or infinity: refused when written, and when read (a store altered after extraction)."""
+
+
 class MissingRowsError(StoreError):
     """Some requested keys have no stored features."""
 
@@ -380,6 +389,13 @@ class FeatureStore:
                     f"{self.path}/features/{tap}: rows {lo}..{hi} unreadable (corrupt chunk?): {err}"
                 ) from err
             out[order[a:b]] = block[sorted_rows[a:b] - lo]
+        bad = _non_finite_rows(out)
+        if len(bad):
+            raise NonFiniteError(
+                f"{self.path}/features/{tap}: stored rows {np.sort(rows[bad])[:10].tolist()} ({len(bad)} in all) hold "
+                "NaN or infinite values, which extraction never writes: the store was altered; delete it and rerun "
+                "the extract stage"
+            )
         return out
 
     def _spans(self, chunks: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
@@ -487,6 +503,14 @@ class FeatureStore:
     def write_rows(self, start: int, keys: np.ndarray, feats: Features) -> None:
         """Write rows `start..start+len(keys)` of every tap, then their keys; commits nothing (`rows` is unchanged)."""
         feats = self._checked(feats, len(keys))
+        for tap, array in feats.items():
+            bad = _non_finite_rows(array)
+            if len(bad):
+                raise NonFiniteError(
+                    f"{self.path}: the source network emitted NaN or infinite activations at {tap!r} for "
+                    f"{len(bad)} image(s), store rows {(start + bad)[:10].tolist()}; nothing of them is stored "
+                    "(check the weights and the images: a backbone that emits them cannot be transferred from)"
+                )
         stop = start + len(keys)
         for tap, array in self._features.items():
             array[start:stop] = feats[tap]

@@ -112,6 +112,7 @@ def test_every_request_form_gives_the_same_answer(model):
         (np.array(["bm90IGFuIGltYWdl"]), "image 0: not a readable"),
         (np.array(["***"]), "image 0: not valid base64"),
         ({"features": np.zeros((2, 7))}, "activations at cut 'block2'"),
+        ({"features": np.where(np.arange(3 * 3136) == 4000, np.nan, 0.0).reshape(3, 3136)}, r"rows \[1\] hold NaN"),
     ],
 )
 def test_malformed_requests_say_what_is_expected(model, request_, message: str):

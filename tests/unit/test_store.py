@@ -309,3 +309,29 @@ def test_interrupted_multi_tap_extend_resumes_every_tap_from_the_same_chunk(tmp_
     reader = FeatureStore.open(store.path, p)
     for tap, values in tap_features(keys).items():
         np.testing.assert_array_equal(reader.read(keys, tap), values)
+
+
+def test_non_finite_activations_are_refused_when_written_and_when_read(tmp_path: Path) -> None:
+    from headstart.store import NonFiniteError
+
+    keys = row_keys(images(20))
+
+    def emits_nan(idx: np.ndarray) -> np.ndarray:
+        feats = expected_features(keys[idx])
+        feats[idx == 13] = np.nan  # image 13: a backbone that overflows on it
+        return feats
+
+    store = new_store(tmp_path)
+    with pytest.raises(
+        NonFiniteError, match=r"NaN or infinite activations at 'block2' for 1 image\(s\), store rows \[13\]"
+    ):
+        store.extend(keys, emits_nan)
+    assert store.extend(keys, Counter(keys)) == 12  # the first chunk (rows 0..7) was kept; 8..19 redone
+    reader = FeatureStore.open(store.path, prov())
+    np.testing.assert_array_equal(reader.read(keys), expected_features(keys))
+    # a row altered on disk afterwards: every read of it says which rows and what to do
+    array = zarr.open_group(str(store.path), mode="r+")["features"]["block2"]
+    array[5, 0, 0] = np.inf
+    with pytest.raises(NonFiniteError, match=r"block2: stored rows \[5\] \(1 in all\) hold NaN or infinite.*delete it"):
+        FeatureStore.open(store.path, prov()).read(keys[3:7])
+    np.testing.assert_array_equal(FeatureStore.open(store.path, prov()).read(keys[8:]), expected_features(keys[8:]))
