@@ -44,6 +44,7 @@ def read_inputs(paths: Sequence[Path], decode: Decode) -> tuple[list[str], list[
     """Names and uint8 images: PNG/JPEG files (decoded as the model's training data was), folders, IDX files."""
     names: list[str] = []
     images: list[np.ndarray] = []
+    bad: list[str] = []
     for path in paths:
         if path.is_dir():
             files = image_files(path)
@@ -52,13 +53,20 @@ def read_inputs(paths: Sequence[Path], decode: Decode) -> tuple[list[str], list[
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
         for file in files:
-            if file.suffix.lower() in SUFFIXES:
-                names.append(str(file))
-                images.append(decode_image(file.read_bytes(), decode, str(file)))
-            else:
-                batch = read_idx(file, ndim=3)
-                names += [f"{file}[{i}]" for i in range(len(batch))]
-                images += list(batch)
+            try:
+                if file.suffix.lower() in SUFFIXES:
+                    images.append(decode_image(file.read_bytes(), decode, str(file)))
+                    names.append(str(file))
+                else:
+                    batch = read_idx(file, ndim=3)
+                    names += [f"{file}[{i}]" for i in range(len(batch))]
+                    images += list(batch)
+            except (OSError, ValueError) as err:
+                bad.append(f"  {err}")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} unreadable input(s) (PNG/JPEG files or IDX image files expected):\n" + "\n".join(bad)
+        )
     return names, images
 
 

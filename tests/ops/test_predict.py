@@ -89,3 +89,14 @@ def test_unknown_model_is_a_clear_error(inputs: dict[str, Any]):
     result = predict(str(inputs["big"]), "--model", "models:/no-such-model@champion")
     assert result.exit_code == 2
     assert "no-such-model" in result.stderr and "not in the MLflow registry" in result.stderr
+
+
+def test_every_unreadable_input_is_named_and_paths_are_checked_before_the_model(tmp_path: Path, registered):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "b.jpg").write_bytes(b"nor this")
+    result = predict(str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", URI)
+    assert result.exit_code == 2 and "2 unreadable input(s)" in result.stderr
+    assert str(tmp_path / "a.png") in result.stderr and str(tmp_path / "b.jpg") in result.stderr
+    missing = predict(str(tmp_path / "nope.png"), "--model", "models:/no-such-model@champion")
+    assert missing.exit_code == 2 and "no such file or folder" in missing.stderr
+    assert "registry" not in missing.stderr  # refused before any model was looked up
