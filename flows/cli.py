@@ -45,6 +45,18 @@ def _load(params_file: Path, sets: list[str] | None) -> Params:
     return params
 
 
+@app.callback()
+def _on_sigterm() -> None:
+    """SIGTERM (a service manager's stop, `kill`) ends the process as Ctrl-C does: open runs are marked FAILED."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

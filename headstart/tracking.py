@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import warnings
@@ -33,6 +34,8 @@ MODEL_SHA_TAG = "model_sha256"
 """Tag of the run that trained a model file: its sha256, the content that finds the run again."""
 CHAMPION = "champion"
 CLASSES_TAG = "classes"
+HOST_TAG, PID_TAG = "host", "pid"
+"""Which process owns a run while it is RUNNING (fail_orphaned_runs)."""
 UI_URL = "http://127.0.0.1:5000"
 """Where `make ui` (`headstart ui`) serves the project's own tracking store."""
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
@@ -107,7 +110,12 @@ def training_run(
     tags: Mapping[str, str],
     run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume, with `run_id`) a run; an exception marks it FAILED before re-raising."""
+    """Start (or resume, with `run_id`) a run; an exception marks it FAILED before re-raising.
+
+    Runs a killed process left RUNNING are marked FAILED first (`fail_orphaned_runs`); the run
+    records the host and pid that own it, so a later stage can tell.
+    """
+    fail_orphaned_runs()
     if run_id is not None:
         ctx = mlflow.start_run(run_id=run_id)
     else:
@@ -116,7 +124,37 @@ def training_run(
         if run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.set_tags({"git_commit": git_commit(), **tags})
+        mlflow.set_tags({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
         yield run
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_runs() -> list[str]:
+    """Mark FAILED the experiment's RUNNING runs whose owning process (on this host) is gone; their ids.
+
+    A process killed with SIGKILL (or a lost machine) cannot end its run; without this the MLflow UI
+    would show it running forever. Runs of other hosts are left alone: their processes are not visible here.
+    """
+    client = MlflowClient()
+    gone = []
+    for run in client.search_runs([experiment_id()], "attributes.status = 'RUNNING'", max_results=1000):
+        host, pid = run.data.tags.get(HOST_TAG), run.data.tags.get(PID_TAG)
+        if host == socket.gethostname() and pid and pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "ended_by", f"its process {pid} was gone when a later stage started")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            gone.append(run.info.run_id)
+    if gone:
+        log.warning("marked %d run(s) FAILED whose process was killed: %s", len(gone), gone)
+    return gone
 
 
 @contextmanager
