@@ -35,6 +35,7 @@ GITIGNORE = """\
 .torch/
 .cache/
 mlflow.db
+mlflow.db.lock
 mlartifacts/
 dvc_plots/
 """

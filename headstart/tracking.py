@@ -6,6 +6,7 @@ The tracking URI comes from MLFLOW_TRACKING_URI (set to the project's sqlite dat
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -75,8 +76,32 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
 
 
+_READY: set[str] = set()
+
+
+def ensure_store() -> None:
+    """Create a local SQLite tracking store's tables once, under a file lock, before anything logs.
+
+    Two stages starting at once on a fresh project would otherwise both create the tables, and one
+    fails (`table runs already exists`) and loses its training.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+
+
 def experiment_id(name: str | None = None) -> str:
     """Get or create the experiment; a local backend keeps artifacts in the project, not the cwd."""
+    ensure_store()
     name = name or experiment_name()
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
@@ -86,7 +111,13 @@ def experiment_id(name: str | None = None) -> str:
     location = None
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         location = (project_root() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another stage created it a moment ago
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def run_url(run_id: str) -> str:
@@ -144,6 +175,7 @@ def fail_orphaned_runs() -> list[str]:
     A process killed with SIGKILL (or a lost machine) cannot end its run; without this the MLflow UI
     would show it running forever. Runs of other hosts are left alone: their processes are not visible here.
     """
+    ensure_store()
     client = MlflowClient()
     gone = []
     for run in client.search_runs([experiment_id()], "attributes.status = 'RUNNING'", max_results=1000):

@@ -56,3 +56,30 @@ def test_sigterm_marks_the_run_failed_and_sigkill_is_caught_by_the_next_stage(tm
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED" and "was gone" in run.data.tags["ended_by"]
     assert tracking.fail_orphaned_runs() == []
+
+
+RACE = textwrap.dedent(
+    """
+    import sys
+    from headstart.env import configure_environment
+    configure_environment(sys.argv[1])
+    from headstart import tracking
+    with tracking.training_run("racer", {"x": 1}, {"stage": "train"}):
+        pass
+    print("ok", flush=True)
+    """
+)
+
+
+def test_two_stages_starting_at_once_on_a_fresh_project_both_log(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HEADSTART_", "PREFECT_"))}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("headstart").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
