@@ -37,7 +37,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200
         return loss
 
     opt.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     return float(np.clip(t, T_MIN, T_MAX)) if np.isfinite(t) else T_MIN
 
 

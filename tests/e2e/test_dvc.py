@@ -40,7 +40,7 @@ def computed(proc) -> set[str]:
     """The stages `headstart run` computed: every stage task that did not report its record up to date."""
     text = proc.stdout + proc.stderr
     current = set(re.findall(r"(\w+): up to date \(", text))
-    started = set(re.findall(r"Task run '(\w+)-\w+' - ", text))
+    started = set(re.findall(r"Task run '(\w+)(?:-[\w-]+)?' - ", text))  # `data`, `train-fmnist-frozen`
     return (started & set(STAGE_TASKS)) - current
 
 

@@ -49,7 +49,9 @@ def sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
     """A command in the project, running this checkout's headstart (an `init`ed project holds no code of its own)."""
     env = {**project_env(root), "PYTHONPATH": str(REPO)}
     exe = Path(sys.executable).with_name(cmd[0])
-    proc = subprocess.run([str(exe), *cmd[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(exe) if exe.exists() else cmd[0], *cmd[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
