@@ -204,50 +204,30 @@ def probe_figure(advice: Mapping[str, Any], title: str) -> Figure:
     return fig
 
 
-@task(**cached("advise"))
-def advise(
-    weights: SourceWeights,
-    extract_record: ExtractRecord,
-    task_meta: TaskMeta,
-    params: AdviseParams,
-    data_dir: Path,
-    out_dir: Path,
-) -> AdviseRecord:
-    """Probe the source's stored cuts on the target, write `advice.json` (this record) and `probe.png`, log one run."""
-    log = run_logger()
-    target = load_task(Path(data_dir), "target")
-    if target.fingerprint() != task_meta.fingerprint:
-        raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
-    taps, images = (
-        extract_record.taps,
-        target.train.images[probe_subset(target.train.labels, params.probe_per_class, params.seed)],
-    )
-    features = {
+def probe_inputs(
+    target: TaskData, extract_record: ExtractRecord, weights: SourceWeights, params: AdviseParams
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per stored cut, the probe's (training subset, validation) activations: pretrained (stored) and untrained."""
+    images = target.train.images[probe_subset(target.train.labels, params.probe_per_class, params.seed)]
+    taps = extract_record.taps
+    stored = {
         t: (stored_features(extract_record, images, t), stored_features(extract_record, target.val.images, t))
         for t in taps
     }
-    fresh = untrained_features(
-        weights.arch, np.concatenate([images, target.val.images]), weights.preprocess, taps, params.seed
-    )
-    untrained = {tap: (a[: len(images)], a[len(images) :]) for tap, a in fresh.items()}
-    advice = {"source": weights.source, **advise_target(target, features, untrained, taps, params)}
+    both = np.concatenate([images, target.val.images])
+    fresh = untrained_features(weights.arch, both, weights.preprocess, taps, params.seed)
+    return stored, {tap: (a[: len(images)], a[len(images) :]) for tap, a in fresh.items()}
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure_path = out_dir / "probe.png"
-    figure = probe_figure(advice, f"{weights.source}: linear probe per cut ({advice['probe_rows']} images)")
-    with atomic_write(figure_path) as tmp:
-        figure.savefig(tmp, format="png")
+
+def log_advice(advice: dict, weights: SourceWeights, extract_record: ExtractRecord, task_meta: TaskMeta,
+               params: AdviseParams, figure_path: Path) -> None:  # fmt: skip
+    """One MLflow run per source: the probe's accuracies, similarity and size, the table and figure."""
     rec = advice["recommendation"]
     tags = {
-        "stage": "advise",
-        "source": weights.source,
-        "quadrant": advice["quadrant"],
-        "recommendation": f"{rec['strategy']}@{rec['cut']}",
-        "data_fingerprint": task_meta.fingerprint,
-        "weights_sha256": weights.sha256,
-        "feature_store_key": extract_record.store_key,
-    }
+        "stage": "advise", "source": weights.source, "quadrant": advice["quadrant"],
+        "recommendation": f"{rec['strategy']}@{rec['cut']}", "data_fingerprint": task_meta.fingerprint,
+        "weights_sha256": weights.sha256, "feature_store_key": extract_record.store_key,
+    }  # fmt: skip
     table = probe_table(advice)
     with tracking.training_run(f"advise-{weights.source}", params.model_dump(mode="json"), tags):
         mlflow.log_metrics({f"probe_val_accuracy.{r['input']}": r["pretrained"] for r in table})
@@ -258,6 +238,29 @@ def advise(
         mlflow.log_dict({"rows": table}, "probe.json")
         mlflow.log_dict(advice, "advice.json")
         mlflow.log_artifact(str(figure_path))
+
+
+@task(**cached("advise"))
+def advise(
+    weights: SourceWeights,
+    extract_record: ExtractRecord,
+    task_meta: TaskMeta,
+    params: AdviseParams,
+    data_dir: Path,
+    out_dir: Path,
+) -> AdviseRecord:
+    """Probe the source's stored cuts on the target, write `advice.json` (this record) and `probe.png`, log one run."""
+    target = load_task(Path(data_dir), "target")
+    if target.fingerprint() != task_meta.fingerprint:
+        raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
+    features, untrained = probe_inputs(target, extract_record, weights, params)
+    advice = {"source": weights.source, **advise_target(target, features, untrained, extract_record.taps, params)}
+    figure_path = Path(out_dir) / "probe.png"
+    figure = probe_figure(advice, f"{weights.source}: linear probe per cut ({advice['probe_rows']} images)")
+    with atomic_write(figure_path) as tmp:
+        figure.savefig(tmp, format="png")
+    log_advice(advice, weights, extract_record, task_meta, params, figure_path)
+    rec = advice["recommendation"]
     at = f" at {rec['cut']}" if needs_features(rec["strategy"]) else ""
-    log.info("advise %s: %s; recommends %s%s", weights.source, advice["quadrant"], rec["strategy"], at)
+    run_logger().info("advise %s: %s; recommends %s%s", weights.source, advice["quadrant"], rec["strategy"], at)
     return AdviseRecord(**advice, outputs=[Output.of(figure_path)])

@@ -20,7 +20,7 @@ from headstart.caching import cached, run_logger
 from headstart.calibration import expected_calibration_error, reliability_figure, softmax
 from headstart.checkpoints import ModelSpec, load_model
 from headstart.config import EvaluateParams
-from headstart.datasets import load_task
+from headstart.datasets import Split, load_task
 from headstart.extraction import stored_features
 from headstart.files import atomic_write
 from headstart.fit import predict_logits
@@ -70,6 +70,50 @@ def mlflow_metrics(report: dict) -> dict[str, float]:
     return metrics
 
 
+def test_logits(
+    net: StagedNet, spec: ModelSpec, trained: str, images: np.ndarray, extract_record: ExtractRecord | None
+) -> torch.Tensor:
+    """The model's logits on the test images: a frozen run's head on the stored features, else the whole network."""
+    if trained == "frozen":
+        if extract_record is None:
+            raise ValueError("a frozen run is scored on stored features and needs the extract record")
+        return predict_logits(net.stages[CLASSIFIER], stored_features(extract_record, images, spec.cut))
+    net.eval()
+    return image_logits(net, spec, images)
+
+
+def write_reports(
+    out: Path, run_name: str, report: dict, logits: torch.Tensor, test: Split, spec: ModelSpec
+) -> list[Path]:
+    """`metrics.json` (one compact row for `dvc metrics`), `per_class.json` and the three figures; their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    detail = {"per_class", "confusion_matrix"}
+    calibrated = softmax(logits, spec.temperature)
+    texts = {
+        "metrics.json": json.dumps({k: v for k, v in report.items() if k not in detail}, indent=2),
+        "per_class.json": json.dumps({k: report[k] for k in sorted(detail)}, indent=2),
+    }
+    accuracy = f"{run_name}: test accuracy {report['accuracy']:.4f}"
+    figures = {
+        "confusion.png": confusion_figure(
+            np.asarray(report["confusion_matrix"]), spec.class_names, accuracy
+        ),
+        "reliability.png": reliability_figure(
+            softmax(logits), calibrated, test.labels, f"{run_name}: test, temperature {spec.temperature:.2f}"
+        ),
+        "mistakes.png": mistakes_figure(
+            test.images, calibrated, test.labels, spec.class_names, f"{run_name}: the most confident mistakes on test"
+        ),
+    }  # fmt: skip
+    for name, text in texts.items():
+        with atomic_write(out / name) as tmp:
+            tmp.write_text(text)
+    for name, figure in figures.items():
+        with atomic_write(out / name) as tmp:
+            figure.savefig(tmp, format="png")
+    return [out / name for name in (*texts, *figures)]
+
+
 @task(**cached("evaluate"))
 def evaluate(
     run_name: str,
@@ -81,69 +125,28 @@ def evaluate(
     reports_dir: Path,
 ) -> EvaluateRecord:
     """Score, write `reports/<run>/` (metrics, per-class scores, figures), log them to the train run, register."""
-    log = run_logger()
     model_path = absolute(train_record.path)
     net, spec = load_model(model_path, train_record.sha256)
     test = load_task(Path(data_dir), "target").test
-    if train_record.trained == "frozen":
-        if extract_record is None:
-            raise ValueError(
-                f"run {run_name!r} is frozen: it is scored on stored features and needs the extract record"
-            )
-        logits = predict_logits(net.stages[CLASSIFIER], stored_features(extract_record, test.images, spec.cut))
-    else:
-        net.eval()
-        logits = image_logits(net, spec, test.images)
-    y_pred = logits.argmax(1).numpy()
-    report = classification_report(test.labels, y_pred, spec.class_names)
+    logits = test_logits(net, spec, train_record.trained, test.images, extract_record)
+    report = classification_report(test.labels, logits.argmax(1).numpy(), spec.class_names)
     report |= calibration_report(logits, test.labels, spec)
-
-    out = Path(reports_dir) / run_name
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path, per_class_path = out / "metrics.json", out / "per_class.json"
-    confusion_path, reliability_path, mistakes_path = (
-        out / f"{n}.png" for n in ("confusion", "reliability", "mistakes")
-    )
-    detail = {"per_class", "confusion_matrix"}  # their own file: `dvc metrics show` stays one compact row per run
-    with atomic_write(metrics_path) as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in report.items() if k not in detail}, indent=2))
-    with atomic_write(per_class_path) as tmp:
-        tmp.write_text(json.dumps({k: report[k] for k in sorted(detail)}, indent=2))
-    title = f"{run_name}: test accuracy {report['accuracy']:.4f}"
-    with atomic_write(confusion_path) as tmp:
-        confusion_figure(np.asarray(report["confusion_matrix"]), spec.class_names, title).savefig(tmp, format="png")
-    before, after = softmax(logits), softmax(logits, spec.temperature)
-    with atomic_write(reliability_path) as tmp:
-        title = f"{run_name}: test, temperature {spec.temperature:.2f}"
-        reliability_figure(before, after, test.labels, title).savefig(tmp, format="png")
-    with atomic_write(mistakes_path) as tmp:
-        title = f"{run_name}: the most confident mistakes on test"
-        mistakes_figure(test.images, after, test.labels, spec.class_names, title).savefig(tmp, format="png")
-
-    run_id = tracking.run_of_model(train_record.sha256)
-    with tracking.training_run(
-        run_name, {}, {"stage": "train", tracking.MODEL_SHA_TAG: train_record.sha256}, run_id=run_id
-    ):
+    written = write_reports(Path(reports_dir) / run_name, run_name, report, logits, test, spec)
+    tags = {"stage": "train", tracking.MODEL_SHA_TAG: train_record.sha256}
+    with tracking.training_run(run_name, {}, tags, run_id=tracking.run_of_model(train_record.sha256)):
         mlflow.log_metrics(mlflow_metrics(report))
-        mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
-        mlflow.log_artifact(str(per_class_path), artifact_path="evaluation")
-        mlflow.log_artifact(str(confusion_path), artifact_path="evaluation")
-        mlflow.log_artifact(str(reliability_path), artifact_path="evaluation")
-        mlflow.log_artifact(str(mistakes_path), artifact_path="evaluation")
+        for path in written:
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
         tracking.log_model(
             model_path, train_record.sha256, spec, register_as=params.register_as, score=train_record.val_accuracy
         )
-    log.info(
+    run_logger().info(
         "%s: test accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f (%.4f at temperature %.2f)",
         run_name, report["accuracy"], report["balanced_accuracy"], report["macro_f1"], report["ece"],
         report["ece_calibrated"], spec.temperature,
     )  # fmt: skip
     return EvaluateRecord(
-        run_name=run_name,
-        test_accuracy=report["accuracy"],
-        balanced_accuracy=report["balanced_accuracy"],
-        macro_f1=report["macro_f1"],
-        ece=report["ece"],
-        ece_calibrated=report["ece_calibrated"],
-        outputs=[Output.of(p) for p in (metrics_path, per_class_path, confusion_path, reliability_path, mistakes_path)],
-    )
+        run_name=run_name, test_accuracy=report["accuracy"], balanced_accuracy=report["balanced_accuracy"],
+        macro_f1=report["macro_f1"], ece=report["ece"], ece_calibrated=report["ece_calibrated"],
+        outputs=[Output.of(path) for path in written],
+    )  # fmt: skip

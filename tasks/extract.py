@@ -12,12 +12,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
 from tqdm.auto import tqdm
 
-from headstart.backbones import feature_shape
+from headstart.backbones import StagedNet, feature_shape
 from headstart.caching import cached, run_logger
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, load_task
@@ -26,6 +27,49 @@ from headstart.fit import resolve_device
 from headstart.progress import TaskProgress
 from headstart.records import ExtractRecord, Output, SourceWeights, TaskMeta, relative
 from headstart.store import MARKER, FeatureStore, rows_per_chunk, store_path
+
+
+def open_store(
+    store_root: Path, weights: SourceWeights, net: StagedNet, cuts: list[str], params: ExtractParams
+) -> tuple[FeatureStore, dict[str, tuple[int, ...]], dict[str, Any]]:
+    """The source's store for these taps (created if new), each tap's shape, and the provenance that keys it."""
+    pre = weights.preprocess
+    shapes = {t: feature_shape(net, t, pre) for t in cuts}
+    prov = provenance(weights.sha256, weights.arch, cuts, pre)
+    widest = max(shapes.values(), key=math.prod)  # every tap shares the rows per chunk, sized for the widest
+    chunk_rows = rows_per_chunk(widest, params.chunk_mb, params.batch_size)
+    return FeatureStore.open_or_create(store_path(store_root, prov), prov, shapes, chunk_rows), shapes, prov
+
+
+def fill_store(
+    store: FeatureStore, keys: np.ndarray, images: np.ndarray, net: StagedNet, weights: SourceWeights,
+    cuts: list[str], params: ExtractParams, on_chunk: Callable[[int], None] | None,
+) -> int:  # fmt: skip
+    """Compute the rows the store lacks, in this process or on Dask, with a progress bar; how many were computed."""
+    todo = len(store.missing(keys))
+    progress = TaskProgress(f"extracting {weights.source} ({todo} images)", todo)
+    with tqdm(total=todo, unit="img", desc=f"extract {weights.source}", disable=todo == 0) as bar:
+
+        def advance(rows: int) -> None:
+            bar.update(rows)
+            progress.advance(bar.n)
+
+        if params.runner == "dask":
+            from headstart.dask_extract import extend_on_dask  # distributed is imported only when asked for
+
+            computed = extend_on_dask(store, keys, images, weights, cuts, params, advance, on_chunk)
+        else:
+            device = resolve_device(params.device)
+            net.to(device)
+
+            def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
+                feats = segment_features(net, images[idx], weights.preprocess, cuts, params.batch_size, device)
+                advance(len(idx))
+                return feats
+
+            computed = store.extend(keys, compute, on_chunk=on_chunk)
+    progress.finish()
+    return computed
 
 
 @task(**cached("extract"))
@@ -44,59 +88,25 @@ def extract(
     are computed (new samples, or the rest of an interrupted run). `on_chunk(committed_rows)` is a
     test-only hook run after each committed chunk (not part of the cache key).
     """
-    log = run_logger()
     task_data = load_task(Path(data_dir), "target")
     if task_data.fingerprint() != task_meta.fingerprint:
         raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
     images = np.concatenate([task_data.split(s).images for s in SPLITS])
     keys = sample_keys(images)
-    net, pre = source_network(weights), weights.preprocess
+    net = source_network(weights)
     cuts = stored_taps(net, weights.cut, taps)
-    shapes = {t: feature_shape(net, t, pre) for t in cuts}
-    prov = provenance(weights.sha256, weights.arch, cuts, pre)
-    path = store_path(store_root, prov)
-    widest = max(shapes.values(), key=math.prod)  # every tap shares the rows per chunk, sized for the widest
-    store = FeatureStore.open_or_create(path, prov, shapes, rows_per_chunk(widest, params.chunk_mb, params.batch_size))
-
-    device = resolve_device(params.device)
-    todo = len(store.missing(keys))
-    progress = TaskProgress(f"extracting {weights.source} ({todo} images)", todo)
+    store, shapes, prov = open_store(Path(store_root), weights, net, cuts, params)
     started = time.perf_counter()
-    with tqdm(total=todo, unit="img", desc=f"extract {weights.source}", disable=todo == 0) as bar:
-
-        def advance(rows: int) -> None:
-            bar.update(rows)
-            progress.advance(bar.n)
-
-        if params.runner == "dask":
-            from headstart.dask_extract import extend_on_dask  # distributed is imported only when asked for
-
-            computed = extend_on_dask(store, keys, images, weights, cuts, params, advance, on_chunk)
-        else:
-            net.to(device)
-
-            def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
-                feats = segment_features(net, images[idx], pre, cuts, params.batch_size, device)
-                advance(len(idx))
-                return feats
-
-            computed = store.extend(keys, compute, on_chunk=on_chunk)
-    progress.finish()
+    computed = fill_store(store, keys, images, net, weights, cuts, params, on_chunk)
     seconds = time.perf_counter() - started
     unique = len(set(map(bytes, keys)))
-    log.info(
+    run_logger().info(
         "extract %s at %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s, %s runner on %s)",
-        weights.source, ", ".join(cuts), unique, unique - computed, path, computed, seconds,
-        computed / seconds if computed and seconds > 0 else 0.0, params.runner, device,
+        weights.source, ", ".join(cuts), unique, unique - computed, store.path, computed, seconds,
+        computed / seconds if computed and seconds > 0 else 0.0, params.runner, resolve_device(params.device),
     )  # fmt: skip
     return ExtractRecord(
-        source=weights.source,
-        store=relative(path),
-        store_key=path.stem,
-        rows=store.rows,
-        cut=weights.cut,
-        taps=cuts,
-        tap_shapes={t: list(s) for t, s in shapes.items()},
-        provenance=prov,
-        outputs=[Output.of(path / MARKER)],
-    )
+        source=weights.source, store=relative(store.path), store_key=store.path.stem, rows=store.rows, cut=weights.cut,
+        taps=cuts, tap_shapes={t: list(s) for t, s in shapes.items()}, provenance=prov,
+        outputs=[Output.of(store.path / MARKER)],
+    )  # fmt: skip

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -147,6 +148,34 @@ def end_to_end_cell(
     return result, image_scores(net, target.test, pre, recipe.device)
 
 
+def cell_params(strategy: str, fraction: float, seed: int, cut: str | None, train_size: int, head: HeadParams,
+                optim: OptimParams, weights: SourceWeights) -> dict[str, Any]:  # fmt: skip
+    """What a cell's MLflow run records as params."""
+    return {
+        "strategy": strategy, "fraction": fraction, "seed": seed, "train_size": train_size, "cut": cut,
+        **({"upper_init": UPPER_INIT} if strategy == "partial" else {}),
+        "source": {"name": weights.source, "arch": weights.arch},
+        "head": head.model_dump(mode="json"), "optim": optim.model_dump(mode="json"),
+    }  # fmt: skip
+
+
+def train_cell(
+    name: str, strategy: str, cut: str | None, weights: SourceWeights, extract_record: ExtractRecord | None,
+    target: TaskData, recipe: Recipe,
+) -> tuple[FitResult, dict[str, float]]:  # fmt: skip
+    """Train one cell's network (frozen and partial on the stored activations at `cut`) and score it on test."""
+    pre, arch = weights.preprocess, weights.arch
+    if strategy not in STORED:
+        return end_to_end_cell(source_network(weights), arch, strategy, target, pre, recipe, tracking.log_epoch)
+    if extract_record is None:
+        raise ValueError(f"sweep cell {name!r} trains on stored activations: it needs the extract record")
+    train_xy, val_xy = ((stored_features(extract_record, s.images, cut), s.labels) for s in (target.train, target.val))
+    if strategy == "frozen":
+        test_xy = (stored_features(extract_record, target.test.images, cut), target.test.labels)
+        return frozen_cell(train_xy, val_xy, test_xy, target.num_classes, recipe, tracking.log_epoch)
+    return partial_cell(source_network(weights), arch, cut, train_xy, val_xy, target, pre, recipe, tracking.log_epoch)
+
+
 @task(**cached("sweep"))
 def sweep(
     strategy: SweepStrategy,
@@ -170,77 +199,36 @@ def sweep(
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("a sweep cell logs a nested MLflow run: start the sweep's parent run first (flows/sweep.py)")
-    log = run_logger()
     name = cell_name(strategy, fraction, seed)
-    target = load_task(Path(data_dir), "target")
-    target = dataclasses.replace(target, train=subset(target.train, fraction, seed))
-    pre, arch = weights.preprocess, weights.arch
     if (strategy in STORED) != (cut is not None):
         raise ValueError(
             f"sweep cell {name!r}: frozen and partial cells take a stored cut, the others none; got {cut!r}"
         )
-    recipe = Recipe(head, optim, seed, device)
-    at = f" at {cut}" if cut else ""
-    log.info("%s: %s%s on %d of the target's training images", name, strategy, at, len(target.train))
-    tags = {
-        "stage": "sweep",
-        "strategy": strategy,
-        "source": weights.source,
-        "data_fingerprint": task_meta.fingerprint,
-        "weights_sha256": weights.sha256,
-    }
-    run_params = {
-        "strategy": strategy,
-        "fraction": fraction,
-        "seed": seed,
-        "train_size": len(target.train),
-        "cut": cut,
-        **({"upper_init": UPPER_INIT} if strategy == "partial" else {}),
-        "source": {"name": weights.source, "arch": arch},
-        "head": head.model_dump(mode="json"),
-        "optim": optim.model_dump(mode="json"),
-    }
+    target = load_task(Path(data_dir), "target")
+    target = dataclasses.replace(target, train=subset(target.train, fraction, seed))
+    run_logger().info("%s: %s%s on %d of the target's training images", name, strategy, f" at {cut}" if cut else "",
+                      len(target.train))  # fmt: skip
+    tags = {"stage": "sweep", "strategy": strategy, "source": weights.source, "data_fingerprint": task_meta.fingerprint,
+            "weights_sha256": weights.sha256, "git_commit": tracking.git_commit()}  # fmt: skip
+    if strategy in STORED and extract_record is not None:
+        tags["feature_store_key"] = extract_record.store_key
+    cell = {"cell": name, "strategy": strategy, "cut": cut, "fraction": fraction, "seed": seed,
+            "train_size": len(target.train)}  # fmt: skip
     with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as child:
-        mlflow.log_params(tracking.flatten(run_params))
-        if strategy in STORED:
-            if extract_record is None:
-                raise ValueError(f"sweep cell {name!r} trains on stored activations: it needs the extract record")
-            tags["feature_store_key"] = extract_record.store_key
-            train_xy, val_xy = (
-                (stored_features(extract_record, s.images, cut), s.labels) for s in (target.train, target.val)
-            )
-            if strategy == "frozen":
-                test_xy = (stored_features(extract_record, target.test.images, cut), target.test.labels)
-                result, scores = frozen_cell(train_xy, val_xy, test_xy, target.num_classes, recipe, tracking.log_epoch)
-            else:
-                result, scores = partial_cell(
-                    source_network(weights), arch, cut, train_xy, val_xy, target, pre, recipe, tracking.log_epoch
-                )
-        else:
-            net = source_network(weights)
-            result, scores = end_to_end_cell(net, arch, strategy, target, pre, recipe, tracking.log_epoch)
-        mlflow.set_tags({"git_commit": tracking.git_commit(), **tags})
+        mlflow.log_params(tracking.flatten(cell_params(strategy, fraction, seed, cut, len(target.train), head, optim,
+                                                       weights)))  # fmt: skip
+        result, scores = train_cell(
+            name, strategy, cut, weights, extract_record, target, Recipe(head, optim, seed, device)
+        )
+        mlflow.set_tags(tags)
         summary = cell_summary(result, scores)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
-        cell = {
-            "cell": name,
-            "strategy": strategy,
-            "cut": cut,
-            "fraction": fraction,
-            "seed": seed,
-            "train_size": len(target.train),
-        }
         path = Path(out_dir) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps({**cell, **summary, "history": result.history}, indent=2))
-    log.info(
-        "%s: test accuracy %.4f, final train loss %.4f, best val loss %.4f (%d epochs, %.1f s)",
-        name,
-        summary["test_accuracy"],
-        summary["final_train_loss"],
-        summary["best_val_loss"],
-        summary["epochs"],
+    run_logger().info(
+        "%s: test accuracy %.4f, final train loss %.4f, best val loss %.4f (%d epochs, %.1f s)", name,
+        summary["test_accuracy"], summary["final_train_loss"], summary["best_val_loss"], summary["epochs"],
         summary["seconds"],
-    )
+    )  # fmt: skip
     return {**cell, **summary, "mlflow_run_id": child.info.run_id, "outputs": [Output.of(path).model_dump()]}

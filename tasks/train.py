@@ -14,7 +14,7 @@ import torch
 from prefect import task
 
 from headstart import tracking
-from headstart.backbones import CLASSIFIER
+from headstart.backbones import CLASSIFIER, StagedNet
 from headstart.caching import cached, run_logger
 from headstart.calibration import fit_temperature, rejection_threshold, softmax
 from headstart.checkpoints import ModelSpec, save_model
@@ -26,6 +26,7 @@ from headstart.fit import FitResult, inverse_frequency
 from headstart.metrics import curves_figure
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta, TrainRecord, relative
 from headstart.strategies import (
+    Features,
     Outcome,
     Recipe,
     Trained,
@@ -135,6 +136,92 @@ def _log_outcome(run_name: str, run: RunParams, strategy: str, outcome: Outcome)
             mlflow.set_tag("auto_choice", "scratch")
 
 
+def train_tags(run: RunParams, strategy: str, cut: str, target: TaskData, weights: SourceWeights,
+               extract_record: ExtractRecord | None) -> dict[str, str]:  # fmt: skip
+    """The MLflow run's tags: what trained, from which weights, data and store."""
+    tags = {"stage": "train", "strategy": run.strategy, "source": run.source, "data_fingerprint": target.fingerprint()}
+    tags["weights_sha256"] = weights.sha256
+    if run.strategy == "auto":
+        tags["auto_choice"] = f"{strategy}@{cut}"
+    if strategy in STORED and extract_record is not None:
+        tags["feature_store_key"] = extract_record.store_key
+    return tags
+
+
+def stored_inputs(
+    run_name: str, strategy: str, extract_record: ExtractRecord | None, target: TaskData, cut: str
+) -> Features | None:
+    """The stored activations at `cut` of the training and validation images, for the strategies that train on them."""
+    if strategy not in STORED:
+        return None
+    if extract_record is None:
+        raise ValueError(f"run {run_name!r} is {strategy}: it needs the extract stage's record, got None")
+    return tuple(stored_features(extract_record, s.images, cut) for s in (target.train, target.val))
+
+
+def class_weights_of(params: TrainParams, target: TaskData) -> tuple[float, ...] | None:
+    return inverse_frequency(target.train.labels, target.num_classes) if params.class_weights == "auto" else None
+
+
+def train_outcome(
+    run: RunParams, strategy: str, cut: str, upper_init: str, source_net: StagedNet, weights: SourceWeights,
+    target: TaskData, features: Features | None, params: TrainParams, class_weights: tuple[float, ...] | None,
+) -> Outcome:  # fmt: skip
+    """Train the strategy, and scratch beside it when a baseline is asked for; keep the one the rule says."""
+    trained = train_strategy(
+        strategy, source_net, weights.arch, target, weights.preprocess, recipe_of(strategy, params, class_weights),
+        cut, features, upper_init, tracking.log_epoch,
+    )  # fmt: skip
+    baseline = None
+    if needs_baseline(run.strategy, run.baseline, strategy):
+        baseline = train_strategy(
+            "scratch", source_net, weights.arch, target, weights.preprocess,
+            recipe_of("scratch", params, class_weights), cut, on_epoch=_log_baseline_epoch,
+        )  # fmt: skip
+    return keep(trained, baseline, auto=run.strategy == "auto")
+
+
+def calibrate(
+    kept: Trained, target: TaskData, weights: SourceWeights, cut: str, features: Features | None, params: TrainParams
+) -> tuple[float, float | None]:
+    """The temperature fitted on validation and, with `train.reject`, the "none" threshold chosen there."""
+    logits = val_logits(kept, target, weights.preprocess, cut, features, params.device)
+    temperature = fit_temperature(logits, torch.as_tensor(target.val.labels))
+    if params.reject is None:
+        return temperature, None
+    return temperature, rejection_threshold(softmax(logits, temperature), params.reject)
+
+
+def save_run(outcome: Outcome, spec: ModelSpec, out_dir: Path) -> tuple[Path, Path, str]:
+    """model.safetensors (with its spec) and history.json; their paths and the model's sha256."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path, history_path = out_dir / "model.safetensors", out_dir / "history.json"
+    sha256 = save_model(outcome.kept.net, spec, model_path)
+    with atomic_write(history_path) as tmp:
+        tmp.write_text(json.dumps(history(outcome), indent=2))
+    return model_path, history_path, sha256
+
+
+def log_result(run_name: str, run: RunParams, outcome: Outcome, spec: ModelSpec, sha256: str) -> int | None:
+    """The kept network's figures into the active MLflow run; returns its head's distinct units."""
+    kept, result = outcome.kept, outcome.kept.result
+    mlflow.set_tag(tracking.MODEL_SHA_TAG, sha256)
+    metrics = {
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+        "temperature": spec.temperature,
+        **_best(result),
+    }
+    if spec.reject_below is not None:
+        metrics["reject_below"] = spec.reject_below
+    units = distinct_units(kept.net.stages[CLASSIFIER])
+    if units is not None:
+        metrics["head_distinct_units"] = units
+    mlflow.log_metrics(metrics)
+    mlflow.log_figure(curves_figure(result.history, f"{run_name}: {kept.strategy} from {run.source}"), "curves.png")
+    return units
+
+
 @task(**cached("train"))
 def train(
     run_name: str,
@@ -157,81 +244,30 @@ def train(
     target = load_task(Path(data_dir), "target")
     strategy, cut, upper_init = choice(run, source, advice_record)
     cut = weights.cut if cut == AUTO_CUT else cut  # the weights stage resolved `auto`
-    tags = {"stage": "train", "strategy": run.strategy, "source": run.source, "data_fingerprint": target.fingerprint()}
-    tags |= {
-        "weights_sha256": weights.sha256,
-        **({"auto_choice": f"{strategy}@{cut}"} if run.strategy == "auto" else {}),
-    }
-    features = None
-    if strategy in STORED:
-        if extract_record is None:
-            raise ValueError(f"run {run_name!r} is {strategy}: it needs the extract stage's record, got None")
-        features = tuple(stored_features(extract_record, s.images, cut) for s in (target.train, target.val))
-        tags["feature_store_key"] = extract_record.store_key
-    log.info("%s: %s from %s at %s on %d images", run_name, strategy, run.source, cut, len(target.train))
-    source_net, out_dir = source_network(weights), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights_of_classes = None
-    if params.class_weights == "auto":
-        weights_of_classes = inverse_frequency(target.train.labels, target.num_classes)
-        log.info("%s: class weights %s", run_name, dict(zip(target.class_names, weights_of_classes, strict=True)))
-    recipe = recipe_of(strategy, params, weights_of_classes)
-    with tracking.training_run(run_name, run_params(run, source, params, recipe.optim), tags):
+    features = stored_inputs(run_name, strategy, extract_record, target, cut)
+    class_weights = class_weights_of(params, target)
+    log.info("%s: %s from %s at %s on %d images; class weights %s", run_name, strategy, run.source, cut,
+             len(target.train), class_weights)  # fmt: skip
+    tags = train_tags(run, strategy, cut, target, weights, extract_record)
+    with tracking.training_run(run_name, run_params(run, source, params, optim_of(strategy, params)), tags):
         tracking.log_data_lineage(task_meta)
-        trained = train_strategy(
-            strategy, source_net, weights.arch, target, weights.preprocess, recipe, cut, features, upper_init,
-            tracking.log_epoch,
-        )  # fmt: skip
-        baseline = None
-        if needs_baseline(run.strategy, run.baseline, strategy):
-            baseline = train_strategy(
-                "scratch", source_net, weights.arch, target, weights.preprocess,
-                recipe_of("scratch", params, weights_of_classes), cut,
-                on_epoch=_log_baseline_epoch,
-            )  # fmt: skip
-        outcome = keep(trained, baseline, auto=run.strategy == "auto")
+        outcome = train_outcome(
+            run, strategy, cut, upper_init, source_network(weights), weights, target, features, params, class_weights
+        )
         _log_outcome(run_name, run, strategy, outcome)
-        kept, result = outcome.kept, outcome.kept.result
-        model_path, history_path = out_dir / "model.safetensors", out_dir / "history.json"
-        logits = val_logits(kept, target, weights.preprocess, cut, features, params.device)
-        temperature = fit_temperature(logits, torch.as_tensor(target.val.labels))
-        reject_below = None
-        if params.reject is not None:
-            reject_below = rejection_threshold(softmax(logits, temperature), params.reject)
-            mlflow.log_metric("reject_below", reject_below)
-        mlflow.log_metric("temperature", temperature)
-        spec = model_spec(kept, weights, target, task_meta, params, temperature, reject_below)
-        sha256 = save_model(kept.net, spec, model_path)
-        mlflow.set_tag(tracking.MODEL_SHA_TAG, sha256)
-        with atomic_write(history_path) as tmp:
-            tmp.write_text(json.dumps(history(outcome), indent=2))
-        units = distinct_units(kept.net.stages[CLASSIFIER])
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "seconds": result.seconds, **_best(result)})
-        if units is not None:
-            mlflow.log_metric("head_distinct_units", units)
-        mlflow.log_figure(curves_figure(result.history, f"{run_name}: {kept.strategy} from {run.source}"), "curves.png")
-    log.info(
-        "%s: val accuracy %.4f (best of %d epochs, %.1f s)", run_name, kept.val_accuracy, result.epochs, result.seconds
-    )
+        temperature, reject_below = calibrate(outcome.kept, target, weights, cut, features, params)
+        spec = model_spec(outcome.kept, weights, target, task_meta, params, temperature, reject_below)
+        model_path, history_path, sha256 = save_run(outcome, spec, Path(out_dir))
+        units = log_result(run_name, run, outcome, spec, sha256)
+    kept, result = outcome.kept, outcome.kept.result
+    log.info("%s: val accuracy %.4f (best of %d epochs, %.1f s), temperature %.2f",
+             run_name, kept.val_accuracy, result.epochs, result.seconds, temperature)  # fmt: skip
     return TrainRecord(
-        run_name=run_name,
-        strategy=run.strategy,
-        chosen=strategy,
-        trained=kept.strategy,
-        cut=cut if kept.strategy in STORED else None,
-        source=run.source,
-        path=relative(model_path),
-        sha256=sha256,
-        weights_sha256=weights.sha256,
-        val_accuracy=result.best["val_accuracy"],
-        val_loss=result.best["val_loss"],
-        epochs=result.epochs,
-        best_epoch=result.best_epoch,
-        transfer_val_accuracy=outcome.transfer_val_accuracy,
-        baseline_val_accuracy=baseline.val_accuracy if baseline is not None else None,
-        negative_transfer=outcome.negative_transfer,
-        head_distinct_units=units,
-        temperature=temperature,
-        reject_below=reject_below,
-        outputs=[Output.of(model_path), Output.of(history_path)],
-    )
+        run_name=run_name, strategy=run.strategy, chosen=strategy, trained=kept.strategy,
+        cut=cut if kept.strategy in STORED else None, source=run.source, path=relative(model_path), sha256=sha256,
+        weights_sha256=weights.sha256, val_accuracy=result.best["val_accuracy"], val_loss=result.best["val_loss"],
+        epochs=result.epochs, best_epoch=result.best_epoch, transfer_val_accuracy=outcome.transfer_val_accuracy,
+        baseline_val_accuracy=outcome.baseline.val_accuracy if outcome.baseline is not None else None,
+        negative_transfer=outcome.negative_transfer, head_distinct_units=units, temperature=temperature,
+        reject_below=reject_below, outputs=[Output.of(model_path), Output.of(history_path)],
+    )  # fmt: skip

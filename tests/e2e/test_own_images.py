@@ -77,6 +77,12 @@ def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(
     assert "headstart run" in init.stdout
     assert (project / "images.dvc").is_file() and (project / ".git").is_dir()
     install_mobilenet(project / ".torch")
+    params = yaml.safe_load((project / "params.yaml").read_text())  # the real config, shrunk to seconds
+    params["train"]["end_to_end"].update(epochs=2)
+    params["train"]["frozen"].update(epochs=10)
+    params["advise"]["probe"].update(epochs=5)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "shrink the training to seconds")
 
     first = sh(project, "headstart", "run")
     assert "fmnist" not in first.stdout.split("Data target")[1]  # no Fashion-MNIST source, pretrain or run
