@@ -66,6 +66,8 @@ class IncompleteStoreError(StoreError):
 
 def _non_finite_rows(array: np.ndarray) -> np.ndarray:
     """Positions of the rows holding a NaN or an infinity."""
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.int64)
     return np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
 
 
