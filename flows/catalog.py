@@ -7,15 +7,14 @@ checked against the hash prefix torchvision puts in their file names.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from pathlib import Path
 
 import torchvision
 
 from headstart.backbones import ARCHITECTURES, Preprocess, create_model, feature_shape, get_architecture
-
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.(pth|pt|safetensors)$")
+from headstart.download import matches
+from headstart.fingerprint import sha256_file
+from headstart.sources import HASH_IN_NAME
 
 
 def cut_shapes(arch: str, image_size: int) -> tuple[int, dict[str, tuple[int, ...]]]:
@@ -38,9 +37,9 @@ def local_weights(torch_home: Path) -> dict[str, bool]:
     """Weights files in the torch hub cache -> whether their sha256 starts with the prefix in their name."""
     found = {}
     for path in sorted((torch_home / "hub" / "checkpoints").glob("*")):
-        m = _HASH_IN_NAME.search(path.name)
+        m = HASH_IN_NAME.search(path.name)
         if path.is_file() and m:
-            found[path.name] = hashlib.sha256(path.read_bytes()).hexdigest().startswith(m.group(1))
+            found[path.name] = matches(sha256_file(path), m.group(1))
     return found
 
 

@@ -23,6 +23,7 @@ def export_run(lay: Layout, run_name: str, out: Path | None = None) -> tuple[Pat
     diff = export_onnx(net, spec, path, test.images, record.sha256)
     run_id = tracking.run_of_model(record.sha256)
     if run_id is not None:
-        MlflowClient().log_artifact(run_id, str(path), artifact_path="export")
-        MlflowClient().log_metric(run_id, "onnx_max_abs_diff", diff)
+        client = MlflowClient()
+        client.log_artifact(run_id, str(path), artifact_path="export")
+        client.log_metric(run_id, "onnx_max_abs_diff", diff)
     return path, diff, len(test.images)

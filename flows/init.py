@@ -19,9 +19,10 @@ import yaml
 from flows import dvcyaml
 from headstart.codeversion import PROJECT
 from headstart.config import DataParams, parse_params
-from headstart.fingerprint import sha256_file
-from headstart.folder import check_splits, content_split, scan_folder
-from headstart.images import FORMATS, Decode, decode_image
+from headstart.datasets import SPLITS
+from headstart.folder import scan_folder
+from headstart.images import Decode
+from tasks.data import read_image_folder
 
 PINNED_SHA256 = {
     "torchvision:mobilenet_v2/IMAGENET1K_V1": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
@@ -51,28 +52,11 @@ def project_name(dest: Path) -> str:
 def check_images(folder: Path, data: DataParams) -> dict[str, int]:
     """Refuse a folder the pipeline cannot train on, naming every unreadable file; the image count per class.
 
-    The split check is the data stage's own (headstart.folder), so `init` refuses what `run` would.
+    It is the data stage's own reading (decoded small), so `init` refuses exactly what `run` would.
     """
-    scan = scan_folder(folder)
-    given = {i.given_split for i in scan.images} - {None}
-    bad, labels, splits = [], [], []
-    for item in scan.images:
-        path = folder / item.path
-        try:
-            decode_image(path.read_bytes(), Decode(mode="RGB", size=8), str(path))
-        except (OSError, ValueError) as err:
-            bad.append(f"  {err}")
-            continue
-        labels.append(item.label)
-        splits.append(
-            content_split(sha256_file(path), data.seed, data.val_fraction, data.test_fraction, item.given_split, given)
-        )
-    if bad:
-        raise ValueError(f"{folder}: {len(bad)} unreadable images (expected {'/'.join(FORMATS)}):\n" + "\n".join(bad))
-    if not labels:
-        raise ValueError(f"{folder}: no readable PNG/JPEG images")
-    check_splits(labels, splits, scan.classes, folder)
-    return {c: labels.count(c) for c in scan.classes}
+    task = read_image_folder(folder, Decode(mode="RGB", size=8), data)
+    counts = task.class_counts()
+    return {c: sum(counts[s][c] for s in SPLITS) for c in task.class_names}
 
 
 NONE_CLASSES = {"none", "other", "others", "unknown"}

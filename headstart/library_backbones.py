@@ -81,11 +81,13 @@ def torchvision_architecture(model_name: str) -> Architecture:
 def timm_architecture(arch: str) -> Architecture:
     """`timm:<model_name>`: built by timm (no download: the weights come from the weights stage)."""
     import timm
+    from timm.models import get_pretrained_cfg
 
     model_name = arch.removeprefix(TIMM)
     if not timm.list_models(model_name):
         raise KeyError(f"unknown timm model {model_name!r} (timm {timm.__version__}: see timm.list_models())")
-    cfg = timm.create_model(model_name, pretrained=False).pretrained_cfg
+    found = get_pretrained_cfg(model_name)  # timm's registry entry: no model is built to read it
+    cfg = found.to_dict() if found is not None else {}
 
     def body_of(model: nn.Module) -> tuple[nn.Module, int]:
         model.reset_classifier(0)

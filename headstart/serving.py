@@ -141,7 +141,7 @@ def head_proba(net: StagedNet, spec: ModelSpec, features: Any) -> np.ndarray:
             f"features must be (N, {', '.join(map(str, shape))}) or (N, {size}): activations at cut {spec.cut!r}, "
             f"got shape {x.shape}"
         )
-    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))  # not store's helper: zarr stays unimported
     if len(bad):
         raise ValueError(f"features of rows {bad[:10].tolist()} hold NaN or infinite values; activations never do")
     logits = predict_logits(net.stages[CLASSIFIER], x.reshape(len(x), *shape))

@@ -53,7 +53,8 @@ KNOWN_SHA256 = {
 _TORCHVISION = re.compile(r"^torchvision:(\w+)/(\w+)$")
 _REGISTRY = re.compile(r"^models:/([^/@]+)(?:@([^/@]+)|/(\d+))$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
+"""The sha256 prefix torchvision writes into its weights file names (`mobilenet_v2-b0353104.pth`)."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def _fetch_torchvision(parsed: WeightsURI, sha256: str | None, params: WeightsPa
     dest = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(weights.url).path).name
     expected = sha256 or KNOWN_SHA256.get(f"{parsed.target}/{weights.name}")
     if expected is None:
-        found = _HASH_IN_NAME.search(dest.name)
+        found = HASH_IN_NAME.search(dest.name)
         if not found:
             raise ChecksumError(f"{weights.url}: no sha256 known and none in the file name: pin the source's sha256")
         expected = found.group(1)

@@ -64,7 +64,7 @@ class IncompleteStoreError(StoreError):
     """The store has no valid completion marker: an extraction is running, was killed, or it was altered."""
 
 
-def _non_finite_rows(array: np.ndarray) -> np.ndarray:
+def non_finite_rows(array: np.ndarray) -> np.ndarray:
     """Positions of the rows holding a NaN or an infinity."""
     if len(array) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -391,7 +391,7 @@ class FeatureStore:
                     f"{self.path}/features/{tap}: rows {lo}..{hi} unreadable (corrupt chunk?): {err}"
                 ) from err
             out[order[a:b]] = block[sorted_rows[a:b] - lo]
-        bad = _non_finite_rows(out)
+        bad = non_finite_rows(out)
         if len(bad):
             raise NonFiniteError(
                 f"{self.path}/features/{tap}: stored rows {np.sort(rows[bad])[:10].tolist()} ({len(bad)} in all) hold "
@@ -506,7 +506,7 @@ class FeatureStore:
         """Write rows `start..start+len(keys)` of every tap, then their keys; commits nothing (`rows` is unchanged)."""
         feats = self._checked(feats, len(keys))
         for tap, array in feats.items():
-            bad = _non_finite_rows(array)
+            bad = non_finite_rows(array)
             if len(bad):
                 raise NonFiniteError(
                     f"{self.path}: the source network emitted NaN or infinite activations at {tap!r} for "

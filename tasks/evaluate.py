@@ -26,18 +26,7 @@ from headstart.files import atomic_write
 from headstart.fit import predict_logits
 from headstart.metrics import classification_report, confusion_figure, mistakes_figure
 from headstart.records import EvaluateRecord, ExtractRecord, Output, TaskMeta, TrainRecord, absolute
-from headstart.serving import image_logits, predict_proba
-
-
-def head_predictions(net: StagedNet, features: np.ndarray) -> np.ndarray:
-    """Classes predicted by the network's head alone from the activations at its cut."""
-    return predict_logits(net.stages[CLASSIFIER], features).argmax(1).numpy()
-
-
-def image_predictions(net: StagedNet, spec: ModelSpec, images: np.ndarray) -> np.ndarray:
-    """Classes predicted by the whole network from raw images, through the serving code path."""
-    net.eval()
-    return predict_proba(net, spec, images).argmax(1)
+from headstart.serving import image_logits
 
 
 def calibration_report(logits: torch.Tensor, labels: np.ndarray, spec: ModelSpec) -> dict[str, float]:
@@ -70,7 +59,7 @@ def mlflow_metrics(report: dict) -> dict[str, float]:
     return metrics
 
 
-def test_logits(
+def logits_on_test(
     net: StagedNet, spec: ModelSpec, trained: str, images: np.ndarray, extract_record: ExtractRecord | None
 ) -> torch.Tensor:
     """The model's logits on the test images: a frozen run's head on the stored features, else the whole network."""
@@ -128,7 +117,7 @@ def evaluate(
     model_path = absolute(train_record.path)
     net, spec = load_model(model_path, train_record.sha256)
     test = load_task(Path(data_dir), "target").test
-    logits = test_logits(net, spec, train_record.trained, test.images, extract_record)
+    logits = logits_on_test(net, spec, train_record.trained, test.images, extract_record)
     report = classification_report(test.labels, logits.argmax(1).numpy(), spec.class_names)
     report |= calibration_report(logits, test.labels, spec)
     written = write_reports(Path(reports_dir) / run_name, run_name, report, logits, test, spec)

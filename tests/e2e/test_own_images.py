@@ -12,7 +12,6 @@ import io
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from headstart.fmnist import SYSTEM_DIR, idx_files, read_fmnist
-from tests.e2e.conftest import project_env
+from tests.e2e import conftest
 from tests.tiny import REPO, install_mobilenet, write_image_folder
 
 pytestmark = pytest.mark.e2e
@@ -47,14 +46,7 @@ def _photos(split, per_class: int, skip: int = 0) -> tuple[np.ndarray, np.ndarra
 
 def sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
     """A command in the project, running this checkout's headstart (an `init`ed project holds no code of its own)."""
-    env = {**project_env(root), "PYTHONPATH": str(REPO)}
-    exe = Path(sys.executable).with_name(cmd[0])
-    proc = subprocess.run(
-        [str(exe) if exe.exists() else cmd[0], *cmd[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return conftest.sh(root, *cmd, code=REPO)
 
 
 def _computed(output: str) -> int:

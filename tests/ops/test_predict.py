@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.evaluate import image_predictions
+from headstart.serving import predict_proba
 from tests.ops.conftest import MODEL
 from tests.tiny import encode_idx
 
@@ -47,7 +47,8 @@ def test_json_matches_the_training_code_path_for_pngs_and_idx(registered: dict[s
     assert [r["image"] for r in rows] == [str(inputs["pngs"] / f"{i:02d}.png") for i in range(6)] + [
         f"{inputs['idx']}[{i}]" for i in range(6)
     ]
-    expected = image_predictions(registered["net"], registered["spec"], inputs["images"])
+    registered["net"].eval()
+    expected = predict_proba(registered["net"], registered["spec"], inputs["images"]).argmax(1)
     names = registered["spec"].class_names
     assert [r["class"] for r in rows] == [names[k] for k in expected] * 2
     assert [r["probability"] for r in rows[:6]] == [r["probability"] for r in rows[6:]]  # PNG is lossless

@@ -16,9 +16,9 @@ from headstart import metrics, tracking
 from headstart.checkpoints import load_model
 from headstart.config import EvaluateParams
 from headstart.datasets import load_task
-from headstart.extraction import provenance, stored_features
+from headstart.extraction import provenance
 from headstart.records import EvaluateRecord, Output, TrainRecord, absolute
-from tasks.evaluate import evaluate, head_predictions, image_predictions
+from tasks.evaluate import evaluate, logits_on_test
 from tasks.train import train
 from tests.unit.training_setup import Setup, prepare
 
@@ -175,8 +175,8 @@ def test_frozen_scores_on_stored_features_equal_the_whole_network_on_images(setu
     extract_record = setup.extract_record
     prov = provenance(trained.weights_sha256, spec.arch, spec.cut, spec.preprocess)
     assert extract_record.provenance_for(spec.cut) == prov  # the store read is the one these weights wrote
-    from_store = head_predictions(net, stored_features(extract_record, test.images, spec.cut))
-    from_images = image_predictions(net, spec, test.images)
+    from_store = logits_on_test(net, spec, "frozen", test.images, extract_record).argmax(1).numpy()
+    from_images = logits_on_test(net, spec, "finetune", test.images, None).argmax(1).numpy()  # the whole network
     assert (from_store == from_images).all()
     assert metrics.accuracy(test.labels, from_images) == record.test_accuracy
 
