@@ -7,9 +7,10 @@ import torch
 
 from bench.timing import Goal, Row, Stat, repeat, stat, timed
 from bench.workspace import Workspace
-from headstart.backbones import Preprocess, preprocess
+from headstart.backbones import preprocess
 from headstart.extraction import stored_taps
 from headstart.fit import resolve_device
+from headstart.images import Preprocess
 from headstart.sources import load_source
 
 NAME = "extraction"

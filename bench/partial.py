@@ -15,10 +15,11 @@ import numpy as np
 
 from bench.timing import Goal, Row, Stat, repeat, stat
 from bench.workspace import Workspace
-from headstart.backbones import Preprocess, StagedNet, preprocess
+from headstart.backbones import StagedNet, preprocess
 from headstart.config import TrainParams
 from headstart.datasets import TaskData
 from headstart.fit import predict_logits
+from headstart.images import Preprocess
 from headstart.metrics import accuracy
 from headstart.sources import load_source
 from headstart.strategies import partial_net, train_end_to_end, train_partial

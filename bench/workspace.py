@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from bench.timing import log, timed
-from headstart.backbones import Preprocess, create_model
+from headstart.backbones import create_model
 from headstart.checkpoints import save_weights
 from headstart.config import DataParams, Params, SourceParams, TrainParams, load_params
 from headstart.datasets import SPLITS, Split, TaskData, load_task, save_task
 from headstart.extraction import stored_features
 from headstart.fmnist import SYSTEM_DIR, idx_files
-from headstart.images import FMNIST_DECODE
+from headstart.images import FMNIST_DECODE, Preprocess
 from headstart.records import ExtractRecord, SourceWeights, TaskMeta
 from headstart.sources import KNOWN_SHA256
 from tasks.data import data

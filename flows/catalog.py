@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torchvision
 
-from headstart.backbones import ARCHITECTURES, Preprocess, create_model, feature_shape, get_architecture
+from headstart.backbones import ARCHITECTURES, create_model, feature_shape, get_architecture
 from headstart.download import matches
 from headstart.fingerprint import sha256_file
+from headstart.images import Preprocess
 from headstart.sources import HASH_IN_NAME
 
 

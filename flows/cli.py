@@ -144,6 +144,10 @@ def stage(
         if item not in known:
             typer.echo(f"error: stage {name} needs a {kind} name: got {item!r}, expected one of {known}", err=True)
             raise typer.Exit(2)
+        if name == "extract":
+            from flows.verify import verify_before_dvc_reuse
+
+            verify_before_dvc_reuse(lay, item)
         per_item[name](params, lay, stages.plain_runner, item)
     else:
         raise typer.BadParameter(f"unknown stage {name!r}; expected one of {sorted({**plain, **per_item})}")
@@ -274,6 +278,20 @@ def export(
 
 
 @app.command()
+def verify(params_file: ParamsOpt = Path("params.yaml")) -> None:
+    """Check every chunk of every feature store, the stores against the data, and the DVC cache's objects."""
+    from flows.layout import Layout
+    from flows.verify import dvc_cache_damage, report_text, verify_project
+
+    params = _load(params_file, None)
+    reports = verify_project(Layout(ROOT), sorted(params.sources))
+    dvc_damage = dvc_cache_damage(ROOT)
+    typer.echo(report_text(reports, ROOT, dvc_damage))
+    if dvc_damage or not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
 def backbones(
     image_size: Annotated[int, typer.Option(min=8, max=1024, help="Image side the activation shapes are for.")] = 224,
     model: Annotated[str | None, typer.Option(help="One architecture: resnet50, timm:convnext_tiny, ...")] = None,
@@ -296,7 +314,7 @@ def schedule(
     interval: Annotated[float | None, typer.Option(min=1, help="Seconds between runs (instead of --cron).")] = None,
     name: Annotated[str, typer.Option(help="The deployment's name in the Prefect UI.")] = "scheduled",
 ) -> None:
-    """Run the pipeline on a schedule through a Prefect server (PREFECT_API_URL); Ctrl-C stops and pauses it."""
+    """Run the pipeline on a schedule through a Prefect server (PREFECT_API_URL); Ctrl-C or SIGTERM pauses and stops."""
     if (cron is None) == (interval is None):
         raise typer.BadParameter("give exactly one of --cron or --interval")
     if cron is not None:

@@ -5,6 +5,9 @@ cached Prefect task call, or the plain function under DVC). Both runners first c
 stage's content key (headstart.caching.stage_key) and reuse the stage's record on disk when it
 carries that key and its files are intact, so a stage one orchestrator ran is not run again by
 the other. Records are the stages' file contract, declared as outs/deps in dvc.yaml.
+
+Each `run_<stage>` imports its task when called, so `headstart stage raw` (run by every `dvc
+repro`) loads only what the raw stage needs, not torch, MLflow and every other stage.
 """
 
 from __future__ import annotations
@@ -33,14 +36,6 @@ from headstart.records import (
     TrainRecord,
     WeightsRecord,
 )
-from tasks.advise import advise
-from tasks.data import data
-from tasks.evaluate import evaluate
-from tasks.extract import extract
-from tasks.pretrain import pretrain
-from tasks.raw import raw
-from tasks.train import train
-from tasks.weights import weights
 
 Runner = Callable[..., Any]
 R = TypeVar("R", bound=StageRecord)
@@ -121,12 +116,16 @@ def run_stage(runner: Runner, task: Any, path: Path, kind: type[R], **kwargs: An
 
 def run_raw(params: Params, lay: Layout, runner: Runner) -> RawRecord:
     """Always computed (it is what the raw files are now); written only when it changed."""
+    from tasks.raw import raw
+
     record = RawRecord.model_validate(runner(raw, params=params.data, with_source=params.needs_pretrain).model_dump())
     record.write(lay.raw_record)
     return record
 
 
 def run_data(params: Params, lay: Layout, runner: Runner) -> DataRecord:
+    from tasks.data import data
+
     raw_record = RawRecord.read(lay.raw_record)
     return run_stage(
         runner, data, lay.data_record, DataRecord, params=params.data, raw=raw_record, out_dir=lay.data,
@@ -135,6 +134,8 @@ def run_data(params: Params, lay: Layout, runner: Runner) -> DataRecord:
 
 
 def run_pretrain(params: Params, lay: Layout, runner: Runner) -> PretrainRecord:
+    from tasks.pretrain import pretrain
+
     return run_stage(
         runner, pretrain, lay.source_model / "record.json", PretrainRecord, params=params.pretrain,
         task_meta=TaskMeta.read(lay.task_meta("source")), data_dir=lay.data, out_dir=lay.source_model,
@@ -142,6 +143,8 @@ def run_pretrain(params: Params, lay: Layout, runner: Runner) -> PretrainRecord:
 
 
 def run_weights(params: Params, lay: Layout, runner: Runner) -> WeightsRecord:
+    from tasks.weights import weights
+
     return run_stage(
         runner, weights, lay.weights_record, WeightsRecord, sources=params.sources, params=params.weights,
         out_dir=lay.weights, cache_dir=lay.weights_cache,
@@ -153,6 +156,8 @@ def _weights(lay: Layout, source: str) -> SourceWeights:
 
 
 def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> ExtractRecord:
+    from tasks.extract import extract
+
     return run_stage(
         runner, extract, lay.extract_record(source), ExtractRecord, weights=_weights(lay, source),
         task_meta=TaskMeta.read(lay.task_meta("target")), params=params.extract, data_dir=lay.data,
@@ -162,6 +167,8 @@ def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> Ext
 
 def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> AdviseRecord:
     """Probe the source's stored cuts on the target and recommend a strategy (reports/advise/<source>/)."""
+    from tasks.advise import advise
+
     return run_stage(
         runner, advise, lay.advice_record(source), AdviseRecord, weights=_weights(lay, source),
         extract_record=ExtractRecord.read(lay.extract_record(source)), task_meta=TaskMeta.read(lay.task_meta("target")),
@@ -170,6 +177,8 @@ def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> Advi
 
 
 def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> TrainRecord:
+    from tasks.train import train
+
     run = params.train.runs[run_name]
     return run_stage(
         runner, train, lay.train_record(run_name), TrainRecord, run_name=run_name, run=run,
@@ -181,6 +190,8 @@ def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> Tra
 
 
 def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> EvaluateRecord:
+    from tasks.evaluate import evaluate
+
     run = params.train.runs[run_name]
     return run_stage(
         runner, evaluate, lay.evaluate_record(run_name), EvaluateRecord, run_name=run_name,

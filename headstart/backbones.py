@@ -13,36 +13,31 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.nn import functional as F
+
+from headstart.images import Preprocess
 
 CLASSIFIER = "classifier"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Preprocess(BaseModel):
-    """How raw uint8 images become the network's input; stored with every model and feature store.
-
-    Grey images are repeated to 3 channels for ImageNet backbones (and RGB averaged to grey for
-    1-channel ones), resized bilinearly to `image_size`, scaled to [0, 1], then normalised with
-    the mean and std the weights were trained with.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
 def preprocess(images: np.ndarray | torch.Tensor, spec: Preprocess) -> torch.Tensor:
-    """uint8 images (N,H,W) grey or (N,H,W,3) RGB -> float32 (N, channels, size, size)."""
+    """uint8 images (N,H,W) grey or (N,H,W,3) RGB -> float32 (N, channels, size, size).
+
+    The documented conversions: grey is repeated into three channels for an RGB network, RGB is
+    averaged to grey for a grey one, and any side is resized (bilinear) to the network's square.
+    Anything else (alpha or other channel counts, other ranks) is refused, naming the shape.
+    """
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
+        raise ValueError(
+            f"images of shape {tuple(x.shape)}: expected (n, H, W) grey or (n, H, W, 3) RGB uint8 "
+            f"(the network takes {spec.channels} channel(s) at {spec.image_size} px; headstart.images decodes files)"
+        )
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     x = x.float().div_(255.0)
     if x.shape[1] == 1 and spec.channels == 3:
@@ -251,9 +246,13 @@ def _torchvision(name: str, to_stages: Callable[[nn.Module, int, float], StagedN
     """Register a torchvision model; native (torchvision-keyed) weights load into its own modules."""
 
     def build(num_classes: int, dropout: float) -> StagedNet:
+        import torchvision  # on first use: it costs 1.5 s to import (its ops load torch._dynamo)
+
         return to_stages(torchvision.models.get_model(name, weights=None), num_classes, dropout)
 
     def native_state(net: StagedNet, state_dict: dict[str, torch.Tensor]) -> None:
+        import torchvision  # on first use: it costs 1.5 s to import (its ops load torch._dynamo)
+
         m = torchvision.models.get_model(name, weights=None)
         m.load_state_dict(state_dict, strict=True)
         staged = to_stages(m, 1, 0.0)

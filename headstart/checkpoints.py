@@ -16,20 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from headstart.backbones import Preprocess, StagedNet, create_model, feature_shape
+from headstart.backbones import StagedNet, create_model, feature_shape
 from headstart.config import HeadParams
 from headstart.files import atomic_path
-from headstart.fingerprint import sha256_file
+from headstart.fingerprint import sha256_file, verify_sha256
 from headstart.heads import make_head
-from headstart.images import Decode
+from headstart.images import Decode, Preprocess
 
 SPEC_KEY = "headstart.spec"
 WEIGHTS_SHA_TAG = "weights_sha256"
 """The registry tag holding a model version's full weights sha256 (what a registry fetch verifies against)."""
-
-
-class ChecksumError(ValueError):
-    """A file's sha256 is not the one it was pinned to."""
 
 
 class CheckpointError(ValueError):
@@ -68,14 +64,6 @@ def build_model(spec: ModelSpec) -> StagedNet:
     body = net.upto(spec.cut)
     head = make_head(feature_shape(net, spec.cut, spec.preprocess), spec.num_classes, spec.head or HeadParams())
     return body.with_classifier(head)
-
-
-def verify_sha256(path: Path | str, expected: str) -> str:
-    """Raise unless the file's full sha256 is `expected`; return it."""
-    actual = sha256_file(path)
-    if actual != expected.lower():
-        raise ChecksumError(f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual}")
-    return actual
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> str:
@@ -131,10 +119,26 @@ def read_spec(metadata: dict[str, str], path: Path | str) -> ModelSpec:
     return ModelSpec.model_validate(json.loads(metadata[SPEC_KEY]))
 
 
+def mismatch(path: Path | str, arch: str, err: RuntimeError) -> CheckpointError:
+    """torch's `size mismatch for ...` / `Missing key(s)` said with the file and the architecture it was loaded as."""
+    detail = " ".join(str(err).split())
+    return CheckpointError(
+        f"{path}: its tensors do not fit architecture {arch!r} (wrong file, or the source's arch is wrong): "
+        f"{detail[:600]}"
+    )
+
+
+def load_into(net: StagedNet, state: dict[str, torch.Tensor], path: Path | str, arch: str) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise mismatch(path, arch, err) from None
+
+
 def load_model(path: Path | str, sha256: str) -> tuple[StagedNet, ModelSpec]:
     """Rebuild a model saved by `save_model`, after verifying its sha256."""
     state, metadata = load_weights(path, sha256)
     spec = read_spec(metadata, path)
     net = build_model(spec)
-    net.load_state_dict(state, strict=True)
+    load_into(net, state, path, spec.arch)
     return net, spec

@@ -88,6 +88,7 @@ def _source_net(weights_record_json: str) -> StagedNet:
 def extract_shard(
     store_path: str,
     store_key: str,
+    lease: str,
     shard: Shard,
     keys: np.ndarray,
     images: np.ndarray,
@@ -110,7 +111,7 @@ def extract_shard(
     weights = SourceWeights.model_validate(weights_record)
     net = _source_net(weights.model_dump_json()).to(dev)
     pre = weights.preprocess
-    store = FeatureStore.open_shard_writer(store_path, store_key)
+    store = FeatureStore.open_shard_writer(store_path, store_key, lease)
 
     def compute(positions: np.ndarray) -> dict[str, np.ndarray]:
         return segment_features(net, images[positions], pre, taps, batch_size, dev)
@@ -162,6 +163,7 @@ def extend_on_dask(
                     parameters={
                         "store_path": str(store.path),
                         "store_key": store.path.stem,
+                        "lease": job.lease,
                         "shard": job.shard,
                         "keys": keys[job.indices],
                         "images": images[job.indices],

@@ -21,8 +21,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from headstart.caching import run_logger
-from headstart.checkpoints import ChecksumError
-from headstart.fingerprint import sha256_file
+from headstart.fingerprint import ChecksumError, sha256_file
 
 _BLOCK = 1 << 20
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}

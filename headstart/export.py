@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.backbones import Preprocess, StagedNet, preprocess
+from headstart.backbones import StagedNet, preprocess
 from headstart.checkpoints import ModelSpec
 from headstart.files import atomic_path
+from headstart.images import Preprocess
 from headstart.serving import predict_proba
 
 INPUT, OUTPUT = "pixels", "probabilities"

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from headstart.backbones import Preprocess, StagedNet, preprocess
+from headstart.backbones import StagedNet, preprocess
 from headstart.codeversion import code_version
 from headstart.fingerprint import row_keys
+from headstart.images import Preprocess
 from headstart.records import ExtractRecord, SourceWeights
 from headstart.sources import load_source
 from headstart.store import FeatureStore

@@ -28,6 +28,18 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+class ChecksumError(ValueError):
+    """A file's sha256 is not the one it was pinned to."""
+
+
+def verify_sha256(path: Path | str, expected: str) -> str:
+    """Raise unless the file's full sha256 is `expected`; return it."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ChecksumError(f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual}")
+    return actual
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from headstart.images import SUFFIXES
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -103,6 +105,36 @@ def dvc_dir_md5(folder: Path) -> str:
             entries.append({"md5": md5, "relpath": f.relative_to(folder).as_posix()})
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def damaged_checkout(folder: Path) -> list[str]:
+    """Files of a `dvc add`ed folder whose bytes came from a damaged DVC cache object, named with the object.
+
+    `dvc checkout` copies or links cache objects without hashing them, so a damaged object would
+    reach the data stage as a photo. A file that differs from the version `<folder>.dvc` records,
+    where that version's cache object no longer hashes to its name either, is such a file (an
+    edited photo differs too, but its recorded object is intact). Empty without a `.dvc` pointer.
+    """
+    pointer, cache = folder.parent / f"{folder.name}.dvc", folder.parent / ".dvc" / "cache" / "files" / "md5"
+    if not pointer.is_file():
+        return []
+    outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs") or [{}]
+    md5 = str(outs[0].get("md5", ""))
+    listing = cache / md5[:2] / md5[2:]
+    if not md5.endswith(".dir") or not listing.is_file():
+        return []
+    if _md5(listing) != md5.removesuffix(".dir"):
+        return [f"{pointer.name}: DVC cache object {listing} (the folder's file listing) is damaged"]
+    damaged = []
+    for entry in json.loads(listing.read_text()):
+        file, obj = folder / entry["relpath"], cache / entry["md5"][:2] / entry["md5"][2:]
+        if file.is_file() and obj.is_file() and _md5(file) != entry["md5"] and _md5(obj) != entry["md5"]:
+            damaged.append(f"{file}: checked out from the damaged DVC cache object {obj}")
+    return damaged
 
 
 def unit_draw(sha256: str, seed: int, purpose: str) -> float:

@@ -1,4 +1,7 @@
-"""The one image decoder: file bytes -> uint8 pixels, the same for the data stage, `headstart predict` and serving.
+"""How images reach a network: the one decoder (file bytes -> uint8 pixels) and the input spec (`Preprocess`).
+
+The decoder is the same for the data stage, `headstart predict` and serving; `Preprocess` (how
+pixels become a normalised tensor) is stored with every model and feature store. Neither needs torch.
 
 How a task's images were decoded is part of its record (`Decode`), and a trained model carries
 it in its spec, so a file reaches the network as the same tensor whichever path reads it.
@@ -41,6 +44,21 @@ class Decode(BaseModel):
         return self
 
 
+class Preprocess(BaseModel):
+    """How raw uint8 images become the network's input; stored with every model and feature store.
+
+    Grey images are repeated to 3 channels for ImageNet backbones (and RGB averaged to grey for
+    1-channel ones), resized bilinearly to `image_size`, scaled to [0, 1], then normalised with
+    the mean and std the weights were trained with.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 FMNIST_DECODE = Decode(mode="L", size=28)
 """A file given to a model trained on Fashion-MNIST is decoded to the IDX images' form."""
 
@@ -64,5 +82,16 @@ def decode_image(raw: bytes, decode: Decode, name: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(raw), formats=FORMATS) as img:
             return np.asarray(_fit(img.convert(decode.mode), decode), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not a readable PNG/JPEG image: {_what(raw)}") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as err:
         raise ValueError(f"{name}: not a readable PNG/JPEG image: {err}") from None
+
+
+def _what(raw: bytes) -> str:
+    """What bytes that are no PNG/JPEG are, by Pillow's detection (nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return f"the file is {img.format} (only {' and '.join(FORMATS)} are read; convert it)"
+    except Exception:
+        return f"no image format Pillow knows ({len(raw)} bytes, starting {raw[:8]!r})"

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from headstart.backbones import CLASSIFIER, IMAGENET_MEAN, IMAGENET_STD, Architecture, StagedNet
@@ -69,6 +68,8 @@ def _architecture(name: str, make: Callable[[], nn.Module], body_of: Callable[[n
 
 def torchvision_architecture(model_name: str) -> Architecture:
     """A torchvision classification model (`torchvision.models.list_models(module=torchvision.models)`)."""
+    import torchvision  # on first use: it costs 1.5 s to import (its ops load torch._dynamo)
+
     return _architecture(
         model_name,
         lambda: torchvision.models.get_model(model_name, weights=None),
@@ -105,6 +106,8 @@ def timm_architecture(arch: str) -> Architecture:
 
 def library_architecture(name: str) -> Architecture | None:
     """The architecture a library name means (`resnet50`, `timm:convnext_tiny`), or None when no library has it."""
+    import torchvision  # on first use: it costs 1.5 s to import (its ops load torch._dynamo)
+
     if name.startswith(TIMM):
         return timm_architecture(name)
     if name in torchvision.models.list_models(module=torchvision.models):

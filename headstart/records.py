@@ -17,11 +17,10 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from headstart.backbones import Preprocess
 from headstart.env import project_root
 from headstart.files import atomic_path
 from headstart.fingerprint import sha256_file
-from headstart.images import Decode
+from headstart.images import Decode, Preprocess
 
 
 def relative(path: Path | str) -> str:

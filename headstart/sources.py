@@ -14,11 +14,10 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import torch
-import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
@@ -28,18 +27,21 @@ from headstart.checkpoints import (
     SPEC_KEY,
     WEIGHTS_SHA_TAG,
     CheckpointError,
-    ChecksumError,
     ModelSpec,
     build_model,
+    load_into,
     load_weights,
+    mismatch,
     read_spec,
-    verify_sha256,
 )
 from headstart.config import WeightsParams
 from headstart.download import download, matches
 from headstart.env import project_root
-from headstart.fingerprint import sha256_file
+from headstart.fingerprint import ChecksumError, sha256_file, verify_sha256
 from headstart.records import SourceWeights
+
+if TYPE_CHECKING:
+    import torchvision
 
 FORMS = (
     "a local path, https://<host>/<file> (with sha256), torchvision:<model>/<WEIGHTS_ENUM>, "
@@ -122,6 +124,8 @@ def local_path(target: str) -> Path:
 
 def torchvision_weights(model: str, member: str) -> torchvision.models.WeightsEnum:
     """The weights enum member, or an error listing the valid models or members."""
+    import torchvision  # on first use: it costs 1.5 s to import (its ops load torch._dynamo)
+
     try:
         enum = torchvision.models.get_model_weights(model)
     except ValueError:
@@ -182,9 +186,12 @@ def load_source(weights: SourceWeights) -> StagedNet:
                 f"{path}: holds a {spec.arch!r} model, but source {weights.source!r} says {weights.arch!r}"
             )
         net = build_model(spec)
-        net.load_state_dict(state, strict=True)
+        load_into(net, state, path, spec.arch)
         return net
-    return create_model(weights.arch, _num_classes(state), state_dict=state)
+    try:
+        return create_model(weights.arch, _num_classes(state), state_dict=state)
+    except RuntimeError as err:
+        raise mismatch(path, weights.arch, err) from None
 
 
 def _num_classes(state: Mapping[str, torch.Tensor]) -> int:

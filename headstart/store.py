@@ -12,6 +12,14 @@ after the chunk of every tap), so a killed extraction resumes where it stopped; 
 store only when the completion marker `COMMITTED.json` (written last) agrees with `rows` and the
 stored keys.
 
+Every chunk carries a crc32c checksum, so a damaged chunk file fails to decode instead of giving
+wrong numbers. `scan` decodes every committed chunk (what `headstart verify` runs). A reader that
+meets an unreadable or non-finite chunk removes the completion marker, so both orchestrators see
+the extract stage's output changed and rerun it; `repair` (run by every extraction of an
+incomplete store) then recomputes exactly the damaged chunks' rows. Rows whose key is unreadable,
+or whose image the data no longer holds, are forgotten (their key becomes `TOMBSTONE`): the
+images still in the data are then stored again as new rows.
+
 An extension can also be split into shards of whole chunks written by separate processes (Dask
 workers): the coordinator holds the writer lock, grows the arrays and hands each shard to one
 worker; a worker writes only its shard's chunk files, then the shard's done marker; the
@@ -21,11 +29,14 @@ writer would. Zarr does not synchronise writers, but separate chunk files are se
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +61,12 @@ SHARDS = ".shards"
 """Folder of per-shard done markers of a sharded extension in progress; removed when it is committed."""
 _READ_BYTES = 64 << 20
 """Upper bound on one read call's chunk span, so reading many keys never loads the whole store."""
+TOMBSTONE = bytes(KEY_BYTES)
+"""The key of a forgotten row (repaired away): no sample's sha256 is 32 zero bytes."""
+LEASE = "lease.json"
+"""In `.shards/`: who coordinates a sharded extension, so a worker that sees another file system is refused."""
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -77,6 +94,19 @@ class NonFiniteError(StoreError):
 
 class MissingRowsError(StoreError):
     """Some requested keys have no stored features."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One committed chunk that cannot be used: which array, its rows, and why."""
+
+    array: str
+    start: int
+    stop: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.array} rows {self.start}..{self.stop}: {self.reason}"
 
 
 Features = Mapping[str, np.ndarray] | np.ndarray
@@ -153,6 +183,8 @@ class ShardJob:
 
     shard: Shard
     indices: np.ndarray
+    lease: str
+    """The coordinator's lease (`.shards/lease.json`): a worker writes only into the store that holds it."""
 
 
 class ShardsFailedError(StoreError):
@@ -343,7 +375,11 @@ class FeatureStore:
             return f"{MARKER} is stale: it records {marker.get('rows')!r} rows, attribute 'rows' is {self.rows}"
         if marker.get("store_key") != self._attrs.get("store_key"):
             return f"{MARKER} names store {marker.get('store_key')!r}, not {self._attrs.get('store_key')!r}"
-        if marker.get("keys_sha256") != sha256_bytes(self.committed_keys().tobytes()):
+        try:
+            stored = self.committed_keys()
+        except Exception as err:
+            return f"its stored keys are unreadable ({type(err).__name__}: {err}); {self.condemn()}"
+        if marker.get("keys_sha256") != sha256_bytes(stored.tobytes()):
             return f"{MARKER} is stale: its keys fingerprint does not match the stored keys"
         return None
 
@@ -387,18 +423,93 @@ class FeatureStore:
             try:
                 block = array[lo:hi]
             except Exception as err:
+                bad = [f"{a}..{b}" for a, b in self.chunk_ranges() if lo <= a < hi and not _decodes(array, a, b)]
                 raise StoreError(
-                    f"{self.path}/features/{tap}: rows {lo}..{hi} unreadable (corrupt chunk?): {err}"
+                    f"{self.path}/features/{tap}: rows {', '.join(bad) or f'{lo}..{hi}'} unreadable (corrupt chunk?): "
+                    f"{err}; {self.condemn()}"
                 ) from err
             out[order[a:b]] = block[sorted_rows[a:b] - lo]
         bad = non_finite_rows(out)
         if len(bad):
             raise NonFiniteError(
                 f"{self.path}/features/{tap}: stored rows {np.sort(rows[bad])[:10].tolist()} ({len(bad)} in all) hold "
-                "NaN or infinite values, which extraction never writes: the store was altered; delete it and rerun "
-                "the extract stage"
+                f"NaN or infinite values, which extraction never writes: the store was altered; {self.condemn()}"
             )
         return out
+
+    def condemn(self) -> str:
+        """After a failed read: drop the completion marker, so both orchestrators rerun extraction, which repairs."""
+        try:
+            (self.path / MARKER).unlink(missing_ok=True)
+        except OSError:
+            return f"delete its {MARKER} and rerun the extract stage to recompute them"
+        return "the store is now marked incomplete: rerun the extract stage (headstart run, dvc repro) to redo them"
+
+    # --- verifying and repairing ------------------------------------------------------------------
+
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """The committed rows, one range per chunk."""
+        r = self.chunk_rows
+        return [(lo, min(lo + r, self.rows)) for lo in range(0, self.rows, r)]
+
+    def scan(self) -> list[Damage]:
+        """Every committed chunk of every array decoded (its crc32c checked), the features checked finite.
+
+        Reads one chunk at a time, so memory stays at one chunk whatever the store's size.
+        """
+        arrays = {"keys": self._keys, **{f"features/{tap}": a for tap, a in self._features.items()}}
+        damage = []
+        for lo, hi in self.chunk_ranges():
+            for name, array in arrays.items():
+                try:
+                    block = np.asarray(array[lo:hi])
+                except Exception as err:
+                    damage.append(Damage(name, lo, hi, f"unreadable ({type(err).__name__}: {err})"))
+                    continue
+                if name != "keys" and len(bad := non_finite_rows(block)):
+                    damage.append(Damage(name, lo, hi, f"{len(bad)} row(s) hold NaN or infinite values"))
+        return damage
+
+    def repair(self, keys: np.ndarray, compute: Callable[[np.ndarray], Features]) -> int:
+        """Recompute the rows of every damaged chunk of an incomplete store; return how many were recomputed.
+
+        `keys` are the data's row keys and `compute` works as in `extend`. A complete store is
+        trusted as it is (a failed read or `headstart verify` removes the marker of a damaged one).
+        A damaged chunk is rewritten whole: its rows whose key is readable and still in the data
+        get fresh features, the others are forgotten (`TOMBSTONE`) and their images, when still in
+        the data, become new rows at the next `extend`. The store is left incomplete for it.
+        """
+        _check_keys(keys)
+        with self._writer_lock():
+            self._load()
+            if self.complete:
+                return 0
+            damaged = sorted({(d.start, d.stop) for d in self.scan()})
+            if not damaged:
+                return 0
+            self._keys.resize((self.rows, KEY_BYTES))  # uncommitted rows go, so each damaged chunk is rewritten whole
+            for tap, array in self._features.items():
+                array.resize((self.rows, *self.tap_shapes[tap]))
+            position = {k: i for i, k in enumerate(_split_keys(keys))}
+            recomputed = 0
+            for lo, hi in damaged:
+                try:
+                    stored = np.array(self._keys[lo:hi], dtype=np.uint8)
+                except Exception:
+                    stored = np.zeros((hi - lo, KEY_BYTES), dtype=np.uint8)
+                where = np.array([position.get(k, -1) for k in _split_keys(stored)], dtype=np.int64)
+                kept = np.flatnonzero(where >= 0)
+                feats = {t: np.zeros((hi - lo, *s), dtype=np.float32) for t, s in self.tap_shapes.items()}
+                if len(kept):
+                    for tap, values in self._checked(compute(where[kept]), len(kept)).items():
+                        feats[tap][kept] = values
+                stored[where < 0] = np.frombuffer(TOMBSTONE, dtype=np.uint8)
+                self.write_rows(lo, stored, feats)
+                recomputed += len(kept)
+                log.warning("%s: rows %d..%d repaired (%d recomputed, %d forgotten)", self.path, lo, hi,
+                            len(kept), hi - lo - len(kept))  # fmt: skip
+            self._set_attrs(rows=self.rows)  # drops the cached keys and index
+        return recomputed
 
     def _spans(self, chunks: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
         """Row ranges covering runs of consecutive touched chunks, each at most `_READ_BYTES`."""
@@ -475,8 +586,9 @@ class FeatureStore:
             if todo is None:
                 return 0, 0
             start = self.rows
+            lease = self._take_lease()
             jobs = [
-                ShardJob(shard, todo[shard.start - start : shard.stop - start])
+                ShardJob(shard, todo[shard.start - start : shard.stop - start], lease)
                 for shard in plan_shards(start, start + len(todo), self.chunk_rows, shard_chunks)
             ]
             pending = [job for job in jobs if not self._shard_done(job, keys)]
@@ -520,16 +632,43 @@ class FeatureStore:
 
     # --- sharded writing (worker side) ------------------------------------------------------------
 
+    def _take_lease(self) -> str:
+        """Under the writer lock: a fresh lease for this sharded extension, written where every worker must see it."""
+        lease = {"nonce": os.urandom(16).hex(), "host": socket.gethostname(), "pid": os.getpid()}
+        (self.path / SHARDS).mkdir(exist_ok=True)
+        with atomic_write(self.path / SHARDS / LEASE) as tmp:
+            tmp.write_text(json.dumps(lease))
+        return lease["nonce"]
+
     @classmethod
-    def open_shard_writer(cls, path: Path | str, key: str) -> FeatureStore:
+    def open_shard_writer(cls, path: Path | str, key: str, lease: str) -> FeatureStore:
         """The store a coordinator is extending, for a worker to write one shard into; no lock is taken.
 
-        The coordinator holds the writer lock and gives each shard (whole chunks) to one worker, so
-        no chunk file has two writers. `key` guards against writing into another extractor's store.
+        The coordinator holds the writer lock (a lock of its own host's file system) and gives each
+        shard (whole chunks) to one worker, so no chunk file has two writers. `key` guards against
+        writing into another extractor's store, `lease` against a worker that sees another copy of
+        it (a Dask worker on a machine without the project's file system): such a worker is refused.
         """
-        store = cls(Path(path), "r+")
+        path = Path(path)
+        where = f"worker on host {socket.gethostname()!r}"
+        if not (path / "zarr.json").is_file():
+            raise StoreError(
+                f"{path}: no feature store here for the {where}; Dask workers must see the project folder at the "
+                "same path (a shared file system), or run with extract.runner: local"
+            )
+        store = cls(path, "r+")
         if store._attrs.get("store_key") != key:
             raise ProvenanceError(f"{path}: store key is {store._attrs.get('store_key')!r}, the shard is for {key!r}")
+        try:
+            held = json.loads((path / SHARDS / LEASE).read_text())
+        except (OSError, ValueError):
+            held = {}
+        if held.get("nonce") != lease:
+            raise StoreError(
+                f"{path}: the {where} sees a copy of this store that its coordinator is not extending (lease "
+                f"{held.get('nonce')!r}, expected {lease!r}); Dask workers must share the project's file system: "
+                "the store's writer lock guards only the coordinator's"
+            )
         return store
 
     def write_shard(
@@ -548,6 +687,7 @@ class FeatureStore:
         _check_keys(keys)
         if len(keys) != shard.stop - shard.start:
             raise ValueError(f"shard {shard.name} holds {shard.stop - shard.start} rows, got {len(keys)} keys")
+        self._check_aligned(shard)
         for a, b in shard.segments:
             positions = np.arange(a - shard.start, b - shard.start)
             self.write_rows(a, keys[positions], compute(positions))
@@ -557,6 +697,21 @@ class FeatureStore:
         folder.mkdir(exist_ok=True)
         with atomic_write(folder / f"{shard.name}.json") as tmp:
             tmp.write_text(json.dumps(_shard_marker(shard, keys), sort_keys=True))
+
+    def _check_aligned(self, shard: Shard) -> None:
+        """A shard must own whole chunk files: it starts at a chunk boundary (or the committed rows) and ends at one."""
+        r, end = self.chunk_rows, self._keys.shape[0]
+        if (
+            shard.segments != tuple(chunk_segments(shard.start, shard.stop, r))
+            or (shard.start % r and shard.start != self.rows)
+            or (shard.stop % r and shard.stop != end)
+            or shard.stop > end
+        ):
+            raise StoreError(
+                f"{self.path}: shard {shard.name} (segments {list(shard.segments)}) is not aligned with the store's "
+                f"chunks of {r} rows (committed {self.rows}, arrays of {end} rows): two writers would share a "
+                "chunk file; plan shards with headstart.store.plan_shards"
+            )
 
     def _shard_done(self, job: ShardJob, keys: np.ndarray) -> bool:
         """The shard's marker names exactly its rows and keys, and those keys are stored there."""
@@ -606,15 +761,38 @@ class FeatureStore:
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
         """One writer per store (Zarr does not synchronise writers); the OS drops the lock if the holder dies."""
-        with open(self.path / LOCK, "a") as f:
+        with open(self.path / LOCK, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(f"{self.path}: another process is extracting into this store") from None
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not written its name yet"
+                raise StoreError(
+                    f"{self.path}: another process is extracting into this store ({holder}); wait for it, "
+                    "or stop it: its committed rows are kept"
+                ) from None
             try:
+                f.truncate(0)
+                f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+                f.flush()
                 yield
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise StoreError(
+                    f"{self.path}: the disk is full; the {self.rows} rows committed so far are kept: free space "
+                    "and rerun the extract stage, which resumes after them"
+                ) from err
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _decodes(array: zarr.Array, start: int, stop: int) -> bool:
+    try:
+        array[start:stop]
+    except Exception:
+        return False
+    return True
 
 
 def _shard_marker(shard: Shard, keys: np.ndarray) -> dict[str, Any]:

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.backbones import CLASSIFIER, Preprocess, StagedNet, create_model, feature_shape, preprocess
+from headstart.backbones import CLASSIFIER, StagedNet, create_model, feature_shape, preprocess
 from headstart.config import STORED, Device, HeadParams, OptimParams, UpperInit
 from headstart.datasets import TaskData
 from headstart.fit import EpochCallback, FitResult, fit, predict_logits
 from headstart.heads import make_head
+from headstart.images import Preprocess
 
 Features = tuple[np.ndarray, np.ndarray]
 """Stored activations at one cut for the training and validation images."""

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from headstart import tracking
-from headstart.backbones import Preprocess, create_model
+from headstart.backbones import create_model
 from headstart.caching import cached, run_logger
 from headstart.config import AdviseParams, HeadParams, needs_features
 from headstart.datasets import TaskData, load_task
@@ -32,6 +32,7 @@ from headstart.extraction import segment_features, stored_features
 from headstart.files import atomic_write
 from headstart.fit import fit
 from headstart.heads import make_head
+from headstart.images import Preprocess
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction
 

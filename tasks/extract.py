@@ -45,7 +45,16 @@ def fill_store(
     store: FeatureStore, keys: np.ndarray, images: np.ndarray, net: StagedNet, weights: SourceWeights,
     cuts: list[str], params: ExtractParams, on_chunk: Callable[[int], None] | None,
 ) -> int:  # fmt: skip
-    """Compute the rows the store lacks, in this process or on Dask, with a progress bar; how many were computed."""
+    """Repair damaged chunks, then compute the rows the store lacks (here or on Dask); how many were computed."""
+    device = resolve_device(params.device)
+    net.to(device)
+
+    def features(idx: np.ndarray) -> dict[str, np.ndarray]:
+        return segment_features(net, images[idx], weights.preprocess, cuts, params.batch_size, device)
+
+    repaired = store.repair(keys, features)
+    if repaired:
+        run_logger().warning("extract %s: %d rows of damaged chunks recomputed", weights.source, repaired)
     todo = len(store.missing(keys))
     progress = TaskProgress(f"extracting {weights.source} ({todo} images)", todo)
     with tqdm(total=todo, unit="img", desc=f"extract {weights.source}", disable=todo == 0) as bar:
@@ -59,17 +68,15 @@ def fill_store(
 
             computed = extend_on_dask(store, keys, images, weights, cuts, params, advance, on_chunk)
         else:
-            device = resolve_device(params.device)
-            net.to(device)
 
             def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
-                feats = segment_features(net, images[idx], weights.preprocess, cuts, params.batch_size, device)
+                feats = features(idx)
                 advance(len(idx))
                 return feats
 
             computed = store.extend(keys, compute, on_chunk=on_chunk)
     progress.finish()
-    return computed
+    return computed + repaired
 
 
 @task(**cached("extract"))

@@ -16,14 +16,14 @@ import torch
 from prefect import task
 
 from headstart import tracking
-from headstart.backbones import Preprocess, StagedNet, create_model, get_architecture, preprocess
+from headstart.backbones import StagedNet, create_model, get_architecture, preprocess
 from headstart.caching import cached, run_logger
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import PretrainParams
 from headstart.datasets import TaskData, load_task
 from headstart.files import atomic_write
 from headstart.fit import EpochCallback, FitResult, fit, predict_logits
-from headstart.images import FMNIST_DECODE
+from headstart.images import FMNIST_DECODE, Preprocess
 from headstart.metrics import classification_report, curves_figure
 from headstart.records import Output, PretrainRecord, TaskMeta, relative
 

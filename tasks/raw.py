@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from headstart.config import DataParams
 from headstart.fingerprint import sha256_file
 from headstart.fmnist import OFFICIAL_MD5, SYSTEM_DIR, idx_files
-from headstart.folder import scan_folder
+from headstart.folder import damaged_checkout, scan_folder
 from headstart.records import RawRecord, absolute
 
 
@@ -39,5 +39,11 @@ def raw(params: DataParams, with_source: bool = True) -> RawRecord:
     folder = None
     if params.image_folder is not None:
         path = absolute(str(params.image_folder))
+        damaged = damaged_checkout(path)
+        if damaged:
+            raise ValueError(
+                f"{len(damaged)} file(s) of {path} are damaged copies: " + "; ".join(damaged[:10]) + ". Delete each "
+                "damaged object, then `dvc fetch` it from a remote, or put the original file back and `dvc add` again"
+            )
         folder = {i.path: sha256_file(path / i.path) for i in scan_folder(path).images}
     return RawRecord(fmnist_origin=origin, fmnist=dict(sorted(fmnist.items())), image_folder=folder)

@@ -21,13 +21,14 @@ from prefect import task
 from torch.nn import functional as F
 
 from headstart import tracking
-from headstart.backbones import Preprocess, StagedNet, preprocess
+from headstart.backbones import StagedNet, preprocess
 from headstart.caching import cached, run_logger
 from headstart.config import BEST_CUT, STORED, Device, HeadParams, OptimParams, SweepStrategy, UpperInit
 from headstart.datasets import Split, TaskData, load_task
 from headstart.extraction import source_network, stored_features
 from headstart.files import atomic_write
 from headstart.fit import EpochCallback, FitResult, predict_logits, resolve_device
+from headstart.images import Preprocess
 from headstart.metrics import accuracy
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction

@@ -11,10 +11,11 @@ from typing import Any
 
 from prefect import task
 
-from headstart.backbones import Preprocess, create_model, get_architecture
+from headstart.backbones import create_model, get_architecture
 from headstart.caching import cached, run_logger
 from headstart.checkpoints import build_model
 from headstart.config import AUTO_CUT, SourceParams, WeightsParams
+from headstart.images import Preprocess
 from headstart.records import Output, SourceWeights, WeightsRecord, relative
 from headstart.sources import Fetched, WeightsURI, content_pin, fetch, parse_uri
 

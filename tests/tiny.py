@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import yaml
 
-from headstart.backbones import Preprocess, create_model
+from headstart.backbones import create_model
 from headstart.checkpoints import save_weights
+from headstart.images import Preprocess
 from headstart.records import AdviseRecord, Recommendation, SourceWeights
 
 REPO = Path(__file__).resolve().parent.parent

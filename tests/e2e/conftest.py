@@ -59,14 +59,16 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-def sh(root: Path, *cmd: str, timeout: float = 900, code: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a command in the project; on failure show what it printed.
+def sh(
+    root: Path, *cmd: str, timeout: float = 900, code: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a command in the project; on failure (unless `check` is false) show what it printed.
 
     The project's own copy of the code runs, or `code` (a project `headstart init` made holds none).
     """
     exe = BIN / cmd[0] if (BIN / cmd[0]).exists() else cmd[0]
     env = {**project_env(root), **({"PYTHONPATH": str(code)} if code is not None else {})}
     proc = subprocess.run([str(exe), *cmd[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

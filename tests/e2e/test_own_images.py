@@ -8,6 +8,7 @@ modes; the project is made by `headstart init` (git, DVC, `dvc add images`) and 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -44,9 +45,16 @@ def _photos(split, per_class: int, skip: int = 0) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(images), np.concatenate(labels)
 
 
-def sh(root: Path, *cmd: str) -> subprocess.CompletedProcess:
+def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     """A command in the project, running this checkout's headstart (an `init`ed project holds no code of its own)."""
-    return conftest.sh(root, *cmd, code=REPO)
+    return conftest.sh(root, *cmd, code=REPO, check=check)
+
+
+def flip_byte(path: Path) -> None:
+    path.chmod(0o644)  # DVC makes its cache objects read-only
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
 
 
 def _computed(output: str) -> int:
@@ -138,3 +146,27 @@ def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(
     assert "faster" in shown, rows
     column = "reports/frozen/metrics.json:accuracy"
     assert all(re.fullmatch(r"[\d.]+", row[column]) for row in rows if row["Experiment"] in ("", "faster")), rows
+
+    # damage: a flipped byte in a stored chunk is found by `headstart verify` and repaired by `dvc repro` alone
+    record = json.loads((project / "features" / "imagenet.json").read_text())
+    store = project / record["store"]
+    flip_byte(min(p for p in (store / "features" / record["cut"] / "c").rglob("*") if p.is_file()))
+    found = sh(project, "headstart", "verify", check=False)
+    assert found.returncode == 1 and re.search(r"features/\S+ rows 0\.\.\d+: unreadable", found.stdout), found.stdout
+    repaired = sh(project, "dvc", "repro")
+    out = repaired.stdout + repaired.stderr
+    assert "rows of damaged chunks recomputed" in out and _ran(out) == {"raw", "extract@imagenet"}, out
+    assert sh(project, "headstart", "verify").stdout.startswith("ok ")
+
+    # a photo's DVC cache object damaged: verify names it; once `dvc checkout` has copied it back, both runs refuse it
+    photo = sorted((project / "images" / "tshirt").glob("*.png"))[0]
+    md5 = hashlib.md5(photo.read_bytes(), usedforsecurity=False).hexdigest()
+    flip_byte(project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:])
+    found = sh(project, "headstart", "verify", check=False)
+    assert found.returncode == 1 and f"images/tshirt/{photo.name}: DVC cache object" in found.stdout, found.stdout
+    photo.unlink()
+    sh(project, "dvc", "checkout", "images")  # DVC copies the damaged object back without a word
+    for command in (("dvc", "repro"), ("headstart", "run")):
+        refused = sh(project, *command, check=False)
+        message = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and f"{photo}: checked out from the damaged DVC cache object" in message, message

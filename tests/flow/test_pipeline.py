@@ -7,17 +7,23 @@ changes that must recompute exactly what they touch.
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 
 from flows.layout import Layout
 from flows.pipeline import transfer
 from headstart.config import parse_params
+from headstart.records import ExtractRecord
+from headstart.store import FeatureStore, StoreError
 from tests.states import task_states
 from tests.tiny import install_mobilenet, tiny_params, write_tiny_fmnist
 
@@ -100,3 +106,60 @@ def test_head_change_recomputes_only_training_and_evaluation(project: dict[str, 
     }
     _, states = run_flow(project["root"], raw)
     assert computed(states) == ALWAYS | {"train", "evaluate"}
+
+
+def test_a_corrupt_chunk_fails_the_reading_stage_and_the_next_run_repairs_exactly_its_rows(
+    project: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    lay = Layout(project["root"])
+    record = ExtractRecord.read(lay.extract_record("fmnist"))
+    chunk = min(p for p in (record.store_dir() / "features" / record.cut / "c").rglob("*") if p.is_file())
+    raw_bytes = bytearray(chunk.read_bytes())
+    raw_bytes[len(raw_bytes) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw_bytes))
+    train = project["raw"]["train"]
+    raw = {  # a new learning rate: the frozen run retrains, reading the store
+        **project["raw"],
+        "train": {
+            **train,
+            "runs": {"fmnist-frozen": train["runs"]["fmnist-frozen"]},
+            "frozen": {**train["frozen"], "lr": 0.002},
+        },
+    }
+    state = transfer(params=parse_params(raw), root=project["root"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StoreError, match=r"rows \d+\.\.\d+ unreadable .*marked incomplete: rerun the extract stage"):
+        state.result()
+
+    with caplog.at_level(logging.INFO):
+        _, states = run_flow(project["root"], raw)
+    assert computed(states) == ALWAYS | {"extract", "train", "evaluate"}  # advise's record names the same store
+    chunk_rows = FeatureStore(record.store_dir(), "r").chunk_rows
+    assert f"extract fmnist: {chunk_rows} rows of damaged chunks recomputed" in caplog.text
+    assert FeatureStore(record.store_dir(), "r").scan() == []
+
+
+CRASH_BEFORE_RECORD = """
+import os, sys
+from headstart.records import ExtractRecord
+ExtractRecord.write = lambda self, path: os._exit(137)  # dies as under kill -9, after the store's marker
+from flows.cli import app
+app(["stage", "extract", "fmnist", "--params", sys.argv[1]])
+"""
+
+
+def test_a_crash_between_the_store_marker_and_the_stage_record_resumes_without_computing(
+    project: dict[str, Any], tmp_path: Path
+) -> None:
+    record = Layout(project["root"]).extract_record("fmnist")
+    kept = record.read_bytes()
+    record.unlink()  # so the stage runs: the store is complete, the record not yet written
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(project["raw"], sort_keys=False))
+    stage = [sys.executable, "-m", "flows.cli", "stage", "extract", "fmnist", "--params", str(params)]
+    crashed = subprocess.run([sys.executable, "-c", CRASH_BEFORE_RECORD, str(params)], capture_output=True, timeout=600)
+    assert crashed.returncode == 137 and not record.exists()
+    again = subprocess.run(stage, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"extract fmnist at .*, 0 computed", again.stderr), again.stderr[-3000:]
+    assert record.read_bytes() == kept

@@ -23,12 +23,11 @@ import numpy as np
 import psutil
 import pytest
 
-from headstart.backbones import Preprocess
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
 from headstart.extraction import provenance
 from headstart.fingerprint import row_keys
-from headstart.images import FMNIST_DECODE
+from headstart.images import FMNIST_DECODE, Preprocess
 from headstart.records import ExtractRecord, TaskMeta
 from headstart.store import MARKER, SHARDS, FeatureStore, IncompleteStoreError, plan_shards
 from tasks.extract import extract

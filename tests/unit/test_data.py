@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.checkpoints import ChecksumError
 from headstart.config import DataParams
 from headstart.datasets import load_task
 from headstart.download import DownloadError
-from headstart.fingerprint import sha256_file
+from headstart.fingerprint import ChecksumError, sha256_file
 from headstart.fmnist import (
     CLASS_NAMES,
     IDX_FILES,

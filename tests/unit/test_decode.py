@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from flows.predict import read_inputs
-from headstart.backbones import Preprocess, create_model, preprocess
+from headstart.backbones import create_model, preprocess
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import DataParams
 from headstart.datasets import load_task
-from headstart.images import Decode, decode_image
+from headstart.images import Decode, Preprocess, decode_image
 from headstart.serving import HeadstartModel, predict_proba
 from tasks.data import data, read_image_folder
 from tasks.raw import raw
@@ -89,5 +89,8 @@ def test_the_decoder_is_what_the_data_stage_uses(folder: Path) -> None:
 def test_formats_other_than_png_and_jpeg_are_refused_naming_the_file(tmp_path: Path) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="BMP")
-    with pytest.raises(ValueError, match=r"photo\.png: not a readable PNG/JPEG image"):
+    with pytest.raises(ValueError, match=r"photo\.png: not a readable PNG/JPEG image: the file is BMP \(only PNG and"):
         decode_image(buf.getvalue(), Decode(mode="RGB"), "photo.png")
+    with pytest.raises(ValueError, match=r"notes\.png: .*no image format Pillow knows \(5 bytes") as err:
+        decode_image(b"hello", Decode(mode="RGB"), "notes.png")
+    assert "BytesIO" not in str(err.value)

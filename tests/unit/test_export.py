@@ -9,10 +9,9 @@ import onnx
 import onnxruntime
 import torch
 
-from headstart.backbones import Preprocess
 from headstart.checkpoints import ModelSpec, build_model
 from headstart.export import INPUT, OUTPUT, export_onnx, onnx_input
-from headstart.images import Decode
+from headstart.images import Decode, Preprocess
 from headstart.serving import predict_proba
 
 

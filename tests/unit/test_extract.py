@@ -17,13 +17,13 @@ import pytest
 import torch
 import zarr
 
-from headstart.backbones import Preprocess, create_model, preprocess
+from headstart.backbones import create_model, preprocess
 from headstart.checkpoints import load_weights
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
 from headstart.extraction import extract_taps, provenance, stored_taps
 from headstart.fingerprint import row_keys
-from headstart.images import FMNIST_DECODE
+from headstart.images import FMNIST_DECODE, Preprocess
 from headstart.records import ExtractRecord, SourceWeights, TaskMeta
 from headstart.store import FeatureStore, IncompleteStoreError, store_path
 from tasks.extract import extract

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from headstart.backbones import Preprocess, create_model, preprocess
+from headstart.backbones import create_model, preprocess
 from headstart.config import HeadParams, OptimParams
 from headstart.fit import fit, predict_logits, resolve_device
 from headstart.heads import make_head
+from headstart.images import Preprocess
 
 OPTIM = OptimParams(epochs=4, batch_size=32, lr=1e-2, patience=10)
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.backbones import Preprocess, preprocess
+from headstart.backbones import preprocess
 from headstart.checkpoints import ModelSpec, build_model
 from headstart.config import HeadParams
-from headstart.images import FMNIST_DECODE, Decode, decode_image
+from headstart.images import FMNIST_DECODE, Decode, Preprocess, decode_image
 from headstart.serving import answer, predict_proba, uint8_images
 
 GREY = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))

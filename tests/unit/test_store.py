@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from headstart.backbones import Preprocess
 from headstart.extraction import provenance
 from headstart.fingerprint import row_keys
+from headstart.images import Preprocess
 from headstart.store import (
     MARKER,
     FeatureStore,
@@ -332,6 +332,7 @@ def test_non_finite_activations_are_refused_when_written_and_when_read(tmp_path:
     # a row altered on disk afterwards: every read of it says which rows and what to do
     array = zarr.open_group(str(store.path), mode="r+")["features"]["block2"]
     array[5, 0, 0] = np.inf
-    with pytest.raises(NonFiniteError, match=r"block2: stored rows \[5\] \(1 in all\) hold NaN or infinite.*delete it"):
+    with pytest.raises(NonFiniteError, match=r"block2: stored rows \[5\] \(1 in all\) hold NaN or infinite.*rerun"):
         FeatureStore.open(store.path, prov()).read(keys[3:7])
-    np.testing.assert_array_equal(FeatureStore.open(store.path, prov()).read(keys[8:]), expected_features(keys[8:]))
+    with pytest.raises(IncompleteStoreError):  # until the extract stage repairs it (tests/faults)
+        FeatureStore.open(store.path, prov())

@@ -17,12 +17,13 @@ import torch
 import torchvision
 
 from headstart import sources as sources_mod
-from headstart.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocess, StagedNet, create_model
-from headstart.checkpoints import CheckpointError, ChecksumError, ModelSpec, save_model
+from headstart.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedNet, create_model
+from headstart.checkpoints import CheckpointError, ModelSpec, save_model
 from headstart.config import SourceParams, WeightsParams
 from headstart.download import DownloadError
 from headstart.env import project_root
-from headstart.fingerprint import sha256_bytes, sha256_file
+from headstart.fingerprint import ChecksumError, sha256_bytes, sha256_file
+from headstart.images import Preprocess
 from headstart.records import SourceWeights, WeightsRecord
 from headstart.sources import content_pin, fetch, load_source, parse_uri, torchvision_weights
 from tasks.weights import check_source, weights

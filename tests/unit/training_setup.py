@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.backbones import Preprocess, create_model
+from headstart.backbones import create_model
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import ExtractParams, HeadParams, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import Split, TaskData, save_task
-from headstart.images import FMNIST_DECODE
+from headstart.images import FMNIST_DECODE, Preprocess
 from headstart.records import ExtractRecord, SourceWeights, TaskMeta
 from tasks.extract import extract
 
