@@ -116,7 +116,7 @@ def _tracked(root: Path) -> Iterator[tuple[str, str]]:
                 for out in stage.get("outs", []):
                     if "md5" in out:
                         yield out["md5"], str(lock.parent.relative_to(root) / out["path"])
-    for pointer in sorted(root.glob("*.dvc")):
+    for pointer in sorted(p for p in root.glob("*.dvc") if p.is_file()):  # not the .dvc folder
         for out in (yaml.safe_load(pointer.read_text()) or {}).get("outs", []):
             if "md5" in out:
                 yield out["md5"], out["path"]
