@@ -9,6 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.layout import Layout
+from flows.orphans import claim_and_crash_orphans
 from flows.stages import Recorder, dvc_commit, prefect_runner, run_all
 from flows.summary import summary_markdown, summary_rows
 from headstart.config import Params
@@ -23,6 +24,7 @@ def transfer(params: Params | dict[str, Any], root: Path | str, commit: bool = F
     gets the params as the JSON its deployment stores.
     """
     params = Params.model_validate(params)
+    claim_and_crash_orphans()
     lay = Layout(Path(root))
     runner = Recorder(prefect_runner)
     records = run_all(params, lay, runner)

@@ -159,7 +159,8 @@ def training_run(
         yield run
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -180,7 +181,7 @@ def fail_orphaned_runs() -> list[str]:
     gone = []
     for run in client.search_runs([experiment_id()], "attributes.status = 'RUNNING'", max_results=1000):
         host, pid = run.data.tags.get(HOST_TAG), run.data.tags.get(PID_TAG)
-        if host == socket.gethostname() and pid and pid.isdigit() and not _alive(int(pid)):
+        if host == socket.gethostname() and pid and pid.isdigit() and not alive(int(pid)):
             client.set_tag(run.info.run_id, "ended_by", f"its process {pid} was gone when a later stage started")
             client.set_terminated(run.info.run_id, status="FAILED")
             gone.append(run.info.run_id)

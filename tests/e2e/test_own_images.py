@@ -155,7 +155,7 @@ def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(
     assert found.returncode == 1 and re.search(r"features/\S+ rows 0\.\.\d+: unreadable", found.stdout), found.stdout
     repaired = sh(project, "dvc", "repro")
     out = repaired.stdout + repaired.stderr
-    assert "rows of damaged chunks recomputed" in out and _ran(out) == {"raw", "extract@imagenet"}, out
+    assert "rows of damaged chunks recomputed" in out and "extract@imagenet" in _ran(out), out
     assert sh(project, "headstart", "verify").stdout.startswith("ok ")
 
     # a photo's DVC cache object damaged: verify names it; once `dvc checkout` has copied it back, both runs refuse it

@@ -25,6 +25,7 @@ from headstart.store import (
     Shard,
     StoreError,
     plan_shards,
+    store_path,
 )
 from tests.unit.test_store import CHUNK, SHAPE, Counter, expected_features, images, new_store, prov
 
@@ -233,3 +234,40 @@ def test_a_full_disk_names_the_store_and_the_rerun_resumes(tmp_path: Path) -> No
         np.testing.assert_array_equal(FeatureStore.open(tmp_path / "s.zarr", p).read(keys), noise)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+TAP_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from headstart.fingerprint import row_keys
+    from tests.unit.test_store import expected_features, images, new_store, prov
+
+    keys = row_keys(images(40))
+
+    def slow(idx):
+        time.sleep(0.2)  # both writers are in the middle of their stores at once
+        return expected_features(keys[idx])
+
+    store = new_store(Path(sys.argv[1]), prov(sys.argv[2]))
+    print(store.path, store.extend(keys, slow), flush=True)
+    """
+)
+
+
+def test_two_processes_writing_different_taps_of_one_source_write_separate_stores(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TAP_WRITER, str(tmp_path), tap], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for tap in ("block1", "block2")
+    ]
+    outputs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    paths = {Path(path) for path, _ in outputs}
+    assert len(paths) == 2 and [n for _, n in outputs] == ["40", "40"]  # the taps are in the store key
+    keys = row_keys(images(40))
+    for tap in ("block1", "block2"):
+        stored = FeatureStore.open(store_path(tmp_path, prov(tap)), prov(tap)).read(keys)
+        np.testing.assert_array_equal(stored, expected_features(keys))

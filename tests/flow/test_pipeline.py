@@ -108,6 +108,7 @@ def test_head_change_recomputes_only_training_and_evaluation(project: dict[str, 
     assert computed(states) == ALWAYS | {"train", "evaluate"}
 
 
+@pytest.mark.faults
 def test_a_corrupt_chunk_fails_the_reading_stage_and_the_next_run_repairs_exactly_its_rows(
     project: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -148,6 +149,7 @@ app(["stage", "extract", "fmnist", "--params", sys.argv[1]])
 """
 
 
+@pytest.mark.faults
 def test_a_crash_between_the_store_marker_and_the_stage_record_resumes_without_computing(
     project: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -199,6 +199,7 @@ def test_dask_runner_on_two_worker_processes_is_bitwise_the_local_store(project:
         assert_all_gone(list(run["seen"].values()), timeout_s=30)
 
 
+@pytest.mark.faults
 def test_a_killed_worker_fails_the_run_and_the_rerun_computes_only_the_missing_shards(
     project: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -206,6 +206,7 @@ def committed_rows(path: Path) -> int:
     return int(zarr.open_group(path, mode="r").attrs["rows"])
 
 
+@pytest.mark.faults
 def test_sigkill_mid_extraction_resumes_bitwise_equal(tmp_path: Path, weights: SourceWeights) -> None:
     task = make_task()
     data_dir = tmp_path / "data"

@@ -197,6 +197,7 @@ def test_interrupted_extend_commits_whole_chunks_and_resumes_without_recomputing
     np.testing.assert_array_equal(reader.committed_keys(), keys)
 
 
+@pytest.mark.faults
 def test_one_writer_at_a_time(tmp_path: Path) -> None:
     keys = row_keys(images(10))
     first = new_store(tmp_path)
@@ -214,6 +215,7 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
     assert errors and "another process is extracting" in str(errors[0])
 
 
+@pytest.mark.faults
 def test_corrupt_chunk_raises(tmp_path: Path) -> None:
     keys = row_keys(images(20))
     store = new_store(tmp_path)
@@ -311,6 +313,7 @@ def test_interrupted_multi_tap_extend_resumes_every_tap_from_the_same_chunk(tmp_
         np.testing.assert_array_equal(reader.read(keys, tap), values)
 
 
+@pytest.mark.faults
 def test_non_finite_activations_are_refused_when_written_and_when_read(tmp_path: Path) -> None:
     from headstart.store import NonFiniteError
 
