@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,6 +59,23 @@ def _on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A stage's refusal (bad input or files: ValueError, FileNotFoundError, a store's error) as one line, exit 1.
+
+    Prefect has logged the traceback of a failed flow already; HEADSTART_DEBUG=1 shows it here too.
+    """
+    from headstart.store import StoreError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, StoreError) as err:
+        if os.environ.get("HEADSTART_DEBUG"):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -93,7 +112,8 @@ def run(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     from flows.summary import summary_markdown
 
     as_in_params_yaml = not set_ and params_file.resolve() == (ROOT / "params.yaml").resolve()
-    result = transfer(params=params, root=ROOT, commit=as_in_params_yaml)
+    with _one_line_errors():
+        result = transfer(params=params, root=ROOT, commit=as_in_params_yaml)
     typer.echo("")
     typer.echo(summary_markdown(result))
 
@@ -137,7 +157,8 @@ def stage(
     per_item = {"extract": stages.run_extract, "train": stages.run_train, "evaluate": stages.run_evaluate}
     per_item["advise"] = stages.run_advise
     if name in plain:
-        plain[name](params, lay, stages.plain_runner)
+        with _one_line_errors():
+            plain[name](params, lay, stages.plain_runner)
     elif name in per_item:
         known = sorted(params.sources) if name in ("extract", "advise") else sorted(params.train.runs)
         kind = "source" if name in ("extract", "advise") else "run"
@@ -148,7 +169,8 @@ def stage(
             from flows.verify import verify_before_dvc_reuse
 
             verify_before_dvc_reuse(lay, item)
-        per_item[name](params, lay, stages.plain_runner, item)
+        with _one_line_errors():
+            per_item[name](params, lay, stages.plain_runner, item)
     else:
         raise typer.BadParameter(f"unknown stage {name!r}; expected one of {sorted({**plain, **per_item})}")
 

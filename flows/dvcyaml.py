@@ -138,8 +138,8 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 f"train.runs.{RUN}",
                 f"sources.{RUN_SOURCE}",
             ],  # fmt: skip
-            "outs": [_rel(lay.run_model(RUN) / "model.safetensors"), _rel(lay.run_model(RUN) / "history.json")]
-            + _uncached(lay.train_record(RUN)),
+            "outs": [_rel(lay.run_model(RUN) / "model.safetensors"), *_uncached(lay.train_record(RUN))],
+            "plots": [{_rel(lay.run_model(RUN) / "history.json"): {"x": "epoch", "y": "val_accuracy"}}],
         },
     }
     stages["evaluate"] = {
@@ -154,13 +154,9 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 _rel(lay.extract_record(RUN_SOURCE)),
             ],
             "params": ["evaluate"],
-            "outs": [
-                _rel(lay.reports / RUN / "confusion.png"),
-                _rel(lay.reports / RUN / "reliability.png"),
-                _rel(lay.reports / RUN / "mistakes.png"),
-                *_uncached(lay.evaluate_record(RUN), lay.reports / RUN / "per_class.json"),
-            ],
+            "outs": _uncached(lay.evaluate_record(RUN), lay.reports / RUN / "per_class.json"),
             "metrics": _uncached(lay.reports / RUN / "metrics.json"),
+            "plots": [_rel(lay.reports / RUN / f"{name}.png") for name in ("confusion", "reliability", "mistakes")],
         },
     }
     return {"stages": stages}

@@ -146,6 +146,9 @@ def test_a_folder_of_photos_from_init_to_predict_and_dvc_repro_after_new_photos(
     assert "faster" in shown, rows
     column = "reports/frozen/metrics.json:accuracy"
     assert all(re.fullmatch(r"[\d.]+", row[column]) for row in rows if row["Experiment"] in ("", "faster")), rows
+    sh(project, "dvc", "plots", "show")  # the declared plots: training curves and the report's images
+    page = (project / "dvc_plots" / "index.html").read_text()
+    assert "models/runs/frozen/history.json" in page and "reports/frozen/confusion.png" in page
 
     # damage: a flipped byte in a stored chunk is found by `headstart verify` and repaired by `dvc repro` alone
     record = json.loads((project / "features" / "imagenet.json").read_text())

@@ -6,10 +6,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.ops.conftest import free_port
+from tests.tiny import REPO
 
 
 def invoke(*args: str, **env: str):
@@ -64,3 +66,16 @@ def test_a_port_already_serving_is_refused_before_starting_anything():
         httpd.server_close()
     assert result.exit_code == 1
     assert "something already answers" in result.stderr
+
+
+def test_a_stage_refusing_its_input_says_so_in_one_line(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path / "no-such-data")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    result = invoke("stage", "raw", "--params", str(params))
+    assert result.exit_code == 1
+    missing = tmp_path / "no-such-data"
+    assert result.stderr.strip().splitlines() == [
+        f"error: {missing}: data.root lacks the Fashion-MNIST IDX files (train/t10k images and labels)"
+    ]

@@ -145,6 +145,7 @@ def test_outs_are_the_paths_the_stages_write(tmp_path: Path) -> None:
     outs = {
         name: [next(iter(o)) if isinstance(o, dict) else o for o in (s.get("do") or s).get("outs", [])]
         + [next(iter(m)) for m in (s.get("do") or s).get("metrics", [])]
+        + [next(iter(p)) if isinstance(p, dict) else p for p in (s.get("do") or s).get("plots", [])]
         for name, s in _committed("dvc.yaml")["stages"].items()
     }
     assert lay.raw_record.as_posix() in outs["raw"]
@@ -155,6 +156,10 @@ def test_outs_are_the_paths_the_stages_write(tmp_path: Path) -> None:
     assert lay.advice_record("${key}").as_posix() in outs["advise"]
     assert lay.train_record("${key}").as_posix() in outs["train"]
     assert lay.evaluate_record("${key}").as_posix() in outs["evaluate"]
+    plots = {name: (s.get("do") or s).get("plots", []) for name, s in _committed("dvc.yaml")["stages"].items()}
+    history = (lay.run_model("${key}") / "history.json").as_posix()
+    assert plots["train"] == [{history: {"x": "epoch", "y": "val_accuracy"}}]  # the training curves, for dvc plots
+    assert (lay.reports / "${key}" / "confusion.png").as_posix() in plots["evaluate"]
     assert "sweep" not in outs, "a plain `dvc repro` runs the pipeline, not the sweep"
 
 
