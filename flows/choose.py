@@ -29,6 +29,9 @@ def advise_sources(params: Params, root: Path, sources: list[str]) -> dict[str, 
         create_markdown_artifact(
             f"```\n{advice_text(record)}\n```", key=f"advise-{name}", description="headstart advice"
         )
+    if len(advice) > 1:
+        text = ranking_text(rank_sources(advice))
+        create_markdown_artifact(f"```\n{text}\n```", key="advise-sources", description="sources ranked")
     return advice
 
 
@@ -63,6 +66,35 @@ def advice_text(advice: dict[str, Any]) -> str:
         f"  why: {rec['why']}",
         f"  `strategy: auto` trains it{guard}",
     ]
+    return "\n".join(lines)
+
+
+def rank_sources(advice: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sources, best first, by their best cut's probe accuracy on the same target (then similarity).
+
+    Every source's probe is the same linear head on the same training and validation images, so
+    the accuracies compare: the source to transfer from is the first, at its best cut.
+    """
+    rows = []
+    for name, record in advice.items():
+        best = record["ranking"][0]
+        rows.append({
+            "source": name, "cut": best, "val_accuracy": record["cuts"][best]["val_accuracy"],
+            "similarity": record["similarity"], "recommendation": record["recommendation"]["strategy"],
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (-r["val_accuracy"], -r["similarity"], r["source"]))
+
+
+def ranking_text(rows: list[dict[str, Any]]) -> str:
+    """What `headstart advise` prints after the sources' own advice when there are several."""
+    lines = ["sources ranked by their best cut's probe (the same head, images and split for each):", ""]
+    lines.append("    rank  source        cut          probe  similarity  recommendation")
+    for i, r in enumerate(rows, 1):
+        lines.append(
+            f"    {i:>4}  {r['source']:<12}  {r['cut']:<11} {r['val_accuracy']:>6.2%}  {r['similarity']:>10.2f}  "
+            f"{r['recommendation']}"
+        )
+    lines += ["", f"  transfer from {rows[0]['source']} at {rows[0]['cut']}"]
     return "\n".join(lines)
 
 

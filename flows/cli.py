@@ -202,11 +202,15 @@ def advise(
     unknown = sorted(set(source or []) - set(params.sources))
     if unknown:
         raise typer.BadParameter(f"unknown source(s) {unknown}; expected some of {sorted(params.sources)}")
-    from flows.choose import advice_text, advise_sources
+    from flows.choose import advice_text, advise_sources, rank_sources, ranking_text
 
-    for record in advise_sources(params=params, root=ROOT, sources=source or sorted(params.sources)).values():
+    advice = advise_sources(params=params, root=ROOT, sources=source or sorted(params.sources))
+    for record in advice.values():
         typer.echo("")
         typer.echo(advice_text(record))
+    if len(advice) > 1:
+        typer.echo("")
+        typer.echo(ranking_text(rank_sources(advice)))
     typer.echo(f"\nProbe tables and plots in {ROOT / 'reports' / 'advise'}; MLflow: `make ui`")
 
 

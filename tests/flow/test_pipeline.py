@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.layout import Layout
 from flows.pipeline import transfer
@@ -165,3 +166,14 @@ def test_a_crash_between_the_store_marker_and_the_stage_record_resumes_without_c
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.search(r"extract fmnist at .*, 0 computed", again.stderr), again.stderr[-3000:]
     assert record.read_bytes() == kept
+
+
+def test_advise_on_every_source_ranks_them(project: dict[str, Any]) -> None:
+    from flows.choose import advise_sources, rank_sources
+
+    advice = advise_sources(params=parse_params(project["raw"]), root=project["root"], sources=["fmnist", "imagenet"])
+    rows = rank_sources(advice)
+    assert {r["source"] for r in rows} == {"fmnist", "imagenet"}
+    assert rows[0]["val_accuracy"] >= rows[1]["val_accuracy"]
+    with get_client(sync_client=True) as client:
+        assert client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["advise-sources"])))

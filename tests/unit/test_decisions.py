@@ -37,3 +37,23 @@ def test_auto_keeps_scratch_only_when_it_won_and_a_fixed_strategy_keeps_itself()
     assert better.kept.strategy == "frozen" and better.negative_transfer is False
     alone = keep(transfer, None, auto=False)
     assert alone.kept is transfer and alone.baseline is None and alone.negative_transfer is None
+
+
+def test_sources_are_ranked_by_their_best_cuts_probe_then_similarity() -> None:
+    from flows.choose import rank_sources, ranking_text
+
+    def advice(best: str, accuracy: float, similarity: float, strategy: str) -> dict:
+        cuts = {best: {"val_accuracy": accuracy}, "other": {"val_accuracy": accuracy - 0.1}}
+        return {"ranking": [best, "other"], "cuts": cuts, "similarity": similarity,
+                "recommendation": {"strategy": strategy}}  # fmt: skip
+
+    rows = rank_sources({
+        "imagenet": advice("features_13", 0.91, 0.40, "partial"),
+        "fmnist": advice("block2", 0.93, 0.70, "frozen"),
+        "resnet": advice("penultimate", 0.91, 0.55, "frozen"),
+    })  # fmt: skip
+    assert [(r["source"], r["cut"]) for r in rows] == [("fmnist", "block2"), ("resnet", "penultimate"),
+                                                      ("imagenet", "features_13")]  # fmt: skip
+    text = ranking_text(rows)
+    assert text.splitlines()[3].split() == ["1", "fmnist", "block2", "93.00%", "0.70", "frozen"]
+    assert text.endswith("transfer from fmnist at block2")
