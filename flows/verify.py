@@ -11,7 +11,6 @@ or `dvc repro` sees the extract stage's output changed and recomputes exactly th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -22,8 +21,10 @@ import numpy as np
 import yaml
 
 from flows.layout import Layout
-from headstart.datasets import SPLITS, load_task
+from headstart.datasets import load_task
 from headstart.extraction import sample_keys
+from headstart.fingerprint import md5_file
+from headstart.folder import dvc_object
 from headstart.records import ExtractRecord
 from headstart.store import Damage, FeatureStore, StoreError
 
@@ -55,7 +56,7 @@ def data_keys(layout: Layout) -> np.ndarray | None:
     if not (layout.data / "target.npz").is_file():
         return None
     task = load_task(layout.data, "target")
-    return sample_keys(np.concatenate([task.split(s).images for s in SPLITS]))
+    return sample_keys(task.all_images())
 
 
 def verify_store(source: str, path: Path, current: bool, keys: np.ndarray | None) -> StoreReport:
@@ -122,29 +123,20 @@ def _tracked(root: Path) -> Iterator[tuple[str, str]]:
                 yield out["md5"], out["path"]
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dvc_cache_damage(root: Path) -> list[str]:
     """The DVC cache objects of the current version whose bytes no longer hash to their name, with the path each holds.
 
     Objects absent from the cache are not damage (`dvc gc`, or never committed); a directory's
     listing (`.dir`) is checked, then every file it names.
     """
-    cache = root / ".dvc" / "cache" / "files" / "md5"
     damage, todo, seen = [], list(_tracked(root)), set()
     while todo:
         md5, where = todo.pop()
-        obj = cache / md5[:2] / md5[2:]
+        obj = dvc_object(root, md5)
         if (md5, where) in seen or not obj.is_file():
             continue
         seen.add((md5, where))
-        actual = _md5(obj)
+        actual = md5_file(obj)
         if actual != md5.removesuffix(".dir"):
             damage.append(f"{where}: DVC cache object {obj.relative_to(root)} is damaged (its md5 is {actual})")
         elif md5.endswith(".dir"):

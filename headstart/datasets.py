@@ -49,6 +49,10 @@ class TaskData:
     def split(self, name: str) -> Split:
         return getattr(self, name)
 
+    def all_images(self) -> np.ndarray:
+        """Every image, train then val then test: the rows the extract stage stores (and `headstart verify` checks)."""
+        return np.concatenate([self.split(s).images for s in SPLITS])
+
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Split -> class name -> images: what an unbalanced folder looks like, for the log and MLflow."""
         return {

@@ -19,13 +19,21 @@ _BLOCK = 1 << 20
 _PROJECT = Path(__file__).resolve().parent.parent
 
 
-def sha256_file(path: Path | str) -> str:
-    """Full sha256 of a file, streamed in 1 MiB blocks."""
-    h = hashlib.sha256()
+def _file_digest(path: Path | str, h: hashlib._Hash) -> str:
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: Path | str) -> str:
+    """Full sha256 of a file, streamed in 1 MiB blocks."""
+    return _file_digest(path, hashlib.sha256())
+
+
+def md5_file(path: Path | str) -> str:
+    """The md5 DVC names a file's cache object by (not a security hash), streamed."""
+    return _file_digest(path, hashlib.md5(usedforsecurity=False))
 
 
 class ChecksumError(ValueError):

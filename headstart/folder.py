@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from headstart.fingerprint import md5_file
 from headstart.images import SUFFIXES
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -101,14 +102,14 @@ def dvc_dir_md5(folder: Path) -> str:
     entries = []
     for f in sorted(folder.rglob("*")):
         if f.is_file() and not f.name.endswith(".partial"):
-            md5 = hashlib.md5(f.read_bytes(), usedforsecurity=False).hexdigest()
-            entries.append({"md5": md5, "relpath": f.relative_to(folder).as_posix()})
+            entries.append({"md5": md5_file(f), "relpath": f.relative_to(folder).as_posix()})
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+def dvc_object(repo: Path, md5: str) -> Path:
+    """Where DVC keeps the cache object of this md5 (`.dir` listings included) in the repo at `repo`."""
+    return repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
 def damaged_checkout(folder: Path) -> list[str]:
@@ -119,20 +120,20 @@ def damaged_checkout(folder: Path) -> list[str]:
     where that version's cache object no longer hashes to its name either, is such a file (an
     edited photo differs too, but its recorded object is intact). Empty without a `.dvc` pointer.
     """
-    pointer, cache = folder.parent / f"{folder.name}.dvc", folder.parent / ".dvc" / "cache" / "files" / "md5"
+    pointer, repo = folder.parent / f"{folder.name}.dvc", folder.parent
     if not pointer.is_file():
         return []
     outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs") or [{}]
     md5 = str(outs[0].get("md5", ""))
-    listing = cache / md5[:2] / md5[2:]
+    listing = dvc_object(repo, md5)
     if not md5.endswith(".dir") or not listing.is_file():
         return []
-    if _md5(listing) != md5.removesuffix(".dir"):
+    if md5_file(listing) != md5.removesuffix(".dir"):
         return [f"{pointer.name}: DVC cache object {listing} (the folder's file listing) is damaged"]
     damaged = []
     for entry in json.loads(listing.read_text()):
-        file, obj = folder / entry["relpath"], cache / entry["md5"][:2] / entry["md5"][2:]
-        if file.is_file() and obj.is_file() and _md5(file) != entry["md5"] and _md5(obj) != entry["md5"]:
+        file, obj = folder / entry["relpath"], dvc_object(repo, entry["md5"])
+        if file.is_file() and obj.is_file() and md5_file(file) != entry["md5"] and md5_file(obj) != entry["md5"]:
             damaged.append(f"{file}: checked out from the damaged DVC cache object {obj}")
     return damaged
 

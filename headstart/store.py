@@ -508,7 +508,7 @@ class FeatureStore:
                 recomputed += len(kept)
                 log.warning("%s: rows %d..%d repaired (%d recomputed, %d forgotten)", self.path, lo, hi,
                             len(kept), hi - lo - len(kept))  # fmt: skip
-            self._set_attrs(rows=self.rows)  # drops the cached keys and index
+            self._committed = self._index = None  # the stored keys changed
         return recomputed
 
     def _spans(self, chunks: np.ndarray, shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from headstart.backbones import StagedNet, feature_shape
 from headstart.caching import cached, run_logger
 from headstart.config import ExtractParams
-from headstart.datasets import SPLITS, load_task
+from headstart.datasets import load_task
 from headstart.extraction import provenance, sample_keys, segment_features, source_network, stored_taps
 from headstart.fit import resolve_device
 from headstart.progress import TaskProgress
@@ -98,7 +98,7 @@ def extract(
     task_data = load_task(Path(data_dir), "target")
     if task_data.fingerprint() != task_meta.fingerprint:
         raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
-    images = np.concatenate([task_data.split(s).images for s in SPLITS])
+    images = task_data.all_images()
     keys = sample_keys(images)
     net = source_network(weights)
     cuts = stored_taps(net, weights.cut, taps)
