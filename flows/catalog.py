@@ -15,7 +15,7 @@ from headstart.backbones import ARCHITECTURES, create_model, feature_shape, get_
 from headstart.download import matches
 from headstart.fingerprint import sha256_file
 from headstart.images import Preprocess
-from headstart.sources import HASH_IN_NAME
+from headstart.uris import HASH_IN_NAME
 
 
 def cut_shapes(arch: str, image_size: int) -> tuple[int, dict[str, tuple[int, ...]]]:

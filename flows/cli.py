@@ -105,17 +105,43 @@ def init(
 
 
 @app.command(epilog="Every key of params.yaml is documented in docs/params.md.")
-def run(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def run(
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    flow: Annotated[
+        bool, typer.Option("--flow", help="Start the Prefect flow even when every stage is up to date.")
+    ] = False,
+) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged inputs are reused from the cache."""
     params = _load(params_file, set_)
-    from flows.pipeline import transfer
-    from flows.summary import summary_markdown
+    from flows.layout import Layout
+    from flows.stages import pipeline_records
+    from flows.status import pipeline_status
+    from flows.summary import summary_markdown, summary_rows
 
-    as_in_params_yaml = not set_ and params_file.resolve() == (ROOT / "params.yaml").resolve()
     with _one_line_errors():
-        result = transfer(params=params, root=ROOT, commit=as_in_params_yaml)
+        if not flow and all(s.state == "up to date" for s in pipeline_status(params, Layout(ROOT))):
+            # the flow would compute nothing: answer from the records, without starting a Prefect server
+            typer.echo("every stage is up to date: nothing to run (--flow records a Prefect run anyway)")
+            result = summary_rows(pipeline_records(params, Layout(ROOT)), params)
+        else:
+            from flows.pipeline import transfer
+
+            as_in_params_yaml = not set_ and params_file.resolve() == (ROOT / "params.yaml").resolve()
+            result = transfer(params=params, root=ROOT, commit=as_in_params_yaml)
     typer.echo("")
     typer.echo(summary_markdown(result))
+
+
+@app.command()
+def status(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """What is up to date and what would rerun, and why, for `headstart run` and `dvc repro` alike; runs nothing."""
+    params = _load(params_file, set_)
+    from flows.layout import Layout
+    from flows.status import pipeline_status, status_text
+
+    with _one_line_errors():
+        typer.echo(status_text(pipeline_status(params, Layout(ROOT)), ROOT))
 
 
 @app.command()

@@ -6,20 +6,23 @@ stage's content key (headstart.caching.stage_key) and reuse the stage's record o
 carries that key and its files are intact, so a stage one orchestrator ran is not run again by
 the other. Records are the stages' file contract, declared as outs/deps in dvc.yaml.
 
-Each `run_<stage>` imports its task when called, so `headstart stage raw` (run by every `dvc
-repro`) loads only what the raw stage needs, not torch, MLflow and every other stage.
+Each stage is a `Call`: its inputs read and every task argument bound, so its key is known
+without importing the task. The task (and torch, MLflow) is imported only when the stage must run:
+`headstart stage raw` (every `dvc repro`), an up-to-date stage and `headstart status` stay cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from flows.layout import Layout
-from headstart.caching import bound_arguments, run_logger, stage_key
+from headstart.caching import bound_arguments, run_logger, stage_inputs, stage_key
 from headstart.config import Params
 from headstart.records import (
     AdviseRecord,
@@ -100,18 +103,51 @@ def current(path: Path, kind: type[R], key: str) -> R | None:
     return record if record.key == key and record.intact() else None
 
 
-def run_stage(runner: Runner, task: Any, path: Path, kind: type[R], **kwargs: Any) -> R:
-    """One stage: reuse its record on disk if current, else run it (through `runner`) and write the record."""
-    key = stage_key(task.name, bound_arguments(task.fn, kwargs))
-    found = current(path, kind, key)
+@dataclass(frozen=True)
+class Call:
+    """One stage call with its inputs read: what both runners run and `headstart status` inspects.
+
+    `kwargs` binds every parameter of the task (no defaults left to fill), so the key is known
+    without importing the task module and its torch: an up-to-date stage costs a record read.
+    """
+
+    stage: str
+    """The DVC stage (dvc.yaml): data, extract@fmnist, train@fmnist-frozen."""
+    task: str
+    """The task of that name in tasks/<task>.py."""
+    record: Path
+    kind: type[StageRecord]
+    kwargs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return stage_key(self.task, self.kwargs)
+
+    def inputs(self) -> dict[str, str]:
+        return stage_inputs(self.task, self.kwargs)
+
+    def load(self) -> Any:
+        return getattr(importlib.import_module(f"tasks.{self.task}"), self.task)
+
+
+def run_call(runner: Runner, call: Call, task: Any = None) -> StageRecord:
+    """One stage: reuse its record on disk if current, else run its task (through `runner`) and write the record."""
+    key = call.key
+    found = current(call.record, call.kind, key)
     if found is not None:
-        run_logger().info("%s: up to date (%s)", task.name, path.name)
+        run_logger().info("%s: up to date (%s)", call.stage, call.record.name)
         return found
-    result = runner(task, **kwargs)
-    record = kind.model_validate(result.model_dump() if isinstance(result, Record) else result)
-    record = record.model_copy(update={"key": key})
-    record.write(path)
+    result = runner(task or call.load(), **call.kwargs)
+    record = call.kind.model_validate(result.model_dump() if isinstance(result, Record) else result)
+    record = record.model_copy(update={"key": key, "inputs": call.inputs()})
+    record.write(call.record)
     return record
+
+
+def run_stage(runner: Runner, task: Any, path: Path, kind: type[R], **kwargs: Any) -> R:
+    """A stage call for a task in hand (the advisor's flows): its defaults bound, then `run_call`."""
+    call = Call(dvc_stage(task.name, kwargs), task.name, path, kind, bound_arguments(task.fn, kwargs))
+    return run_call(runner, call, task)  # type: ignore[return-value]
 
 
 def run_raw(params: Params, lay: Layout, runner: Runner) -> RawRecord:
@@ -123,83 +159,97 @@ def run_raw(params: Params, lay: Layout, runner: Runner) -> RawRecord:
     return record
 
 
-def run_data(params: Params, lay: Layout, runner: Runner) -> DataRecord:
-    from tasks.data import data
-
-    raw_record = RawRecord.read(lay.raw_record)
-    return run_stage(
-        runner, data, lay.data_record, DataRecord, params=params.data, raw=raw_record, out_dir=lay.data,
-        download_dir=lay.downloads, with_source=params.needs_pretrain,
+def data_call(params: Params, lay: Layout) -> Call:
+    kwargs = dict(
+        params=params.data, raw=RawRecord.read(lay.raw_record), out_dir=lay.data, download_dir=lay.downloads,
+        with_source=params.needs_pretrain,
     )  # fmt: skip
+    return Call("data", "data", lay.data_record, DataRecord, kwargs)
 
 
-def run_pretrain(params: Params, lay: Layout, runner: Runner) -> PretrainRecord:
-    from tasks.pretrain import pretrain
-
-    return run_stage(
-        runner, pretrain, lay.source_model / "record.json", PretrainRecord, params=params.pretrain,
-        task_meta=TaskMeta.read(lay.task_meta("source")), data_dir=lay.data, out_dir=lay.source_model,
+def pretrain_call(params: Params, lay: Layout) -> Call:
+    kwargs = dict(
+        params=params.pretrain, task_meta=TaskMeta.read(lay.task_meta("source")), data_dir=lay.data,
+        out_dir=lay.source_model,
     )  # fmt: skip
+    return Call("pretrain", "pretrain", lay.source_model / "record.json", PretrainRecord, kwargs)
 
 
-def run_weights(params: Params, lay: Layout, runner: Runner) -> WeightsRecord:
-    from tasks.weights import weights
-
-    return run_stage(
-        runner, weights, lay.weights_record, WeightsRecord, sources=params.sources, params=params.weights,
-        out_dir=lay.weights, cache_dir=lay.weights_cache,
-    )  # fmt: skip
+def weights_call(params: Params, lay: Layout) -> Call:
+    kwargs = dict(sources=params.sources, params=params.weights, out_dir=lay.weights, cache_dir=lay.weights_cache)
+    return Call("weights", "weights", lay.weights_record, WeightsRecord, kwargs)
 
 
 def _weights(lay: Layout, source: str) -> SourceWeights:
     return SourceWeights.read(lay.source_weights(source))
 
 
-def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> ExtractRecord:
-    from tasks.extract import extract
-
-    return run_stage(
-        runner, extract, lay.extract_record(source), ExtractRecord, weights=_weights(lay, source),
-        task_meta=TaskMeta.read(lay.task_meta("target")), params=params.extract, data_dir=lay.data,
-        store_root=lay.store_root(source), taps=params.sources[source].taps,
+def extract_call(params: Params, lay: Layout, source: str) -> Call:
+    kwargs = dict(
+        weights=_weights(lay, source), task_meta=TaskMeta.read(lay.task_meta("target")), params=params.extract,
+        data_dir=lay.data, store_root=lay.store_root(source), taps=params.sources[source].taps, on_chunk=None,
     )  # fmt: skip
+    return Call(f"extract@{source}", "extract", lay.extract_record(source), ExtractRecord, kwargs)
 
 
-def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> AdviseRecord:
+def advise_call(params: Params, lay: Layout, source: str) -> Call:
     """Probe the source's stored cuts on the target and recommend a strategy (reports/advise/<source>/)."""
-    from tasks.advise import advise
-
-    return run_stage(
-        runner, advise, lay.advice_record(source), AdviseRecord, weights=_weights(lay, source),
-        extract_record=ExtractRecord.read(lay.extract_record(source)), task_meta=TaskMeta.read(lay.task_meta("target")),
-        params=params.advise, data_dir=lay.data, out_dir=lay.advice(source),
+    kwargs = dict(
+        weights=_weights(lay, source), extract_record=ExtractRecord.read(lay.extract_record(source)),
+        task_meta=TaskMeta.read(lay.task_meta("target")), params=params.advise, data_dir=lay.data,
+        out_dir=lay.advice(source),
     )  # fmt: skip
+    return Call(f"advise@{source}", "advise", lay.advice_record(source), AdviseRecord, kwargs)
 
 
-def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> TrainRecord:
-    from tasks.train import train
-
+def train_call(params: Params, lay: Layout, run_name: str) -> Call:
     run = params.train.runs[run_name]
-    return run_stage(
-        runner, train, lay.train_record(run_name), TrainRecord, run_name=run_name, run=run,
-        source=params.sources[run.source], params=params.train, weights=_weights(lay, run.source),
-        extract_record=ExtractRecord.read(lay.extract_record(run.source)),
+    kwargs = dict(
+        run_name=run_name, run=run, source=params.sources[run.source], params=params.train,
+        weights=_weights(lay, run.source), extract_record=ExtractRecord.read(lay.extract_record(run.source)),
         task_meta=TaskMeta.read(lay.task_meta("target")), data_dir=lay.data, out_dir=lay.run_model(run_name),
         advice_record=AdviseRecord.read(lay.advice_record(run.source)),
     )  # fmt: skip
+    return Call(f"train@{run_name}", "train", lay.train_record(run_name), TrainRecord, kwargs)
 
 
-def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> EvaluateRecord:
-    from tasks.evaluate import evaluate
-
+def evaluate_call(params: Params, lay: Layout, run_name: str) -> Call:
     run = params.train.runs[run_name]
-    return run_stage(
-        runner, evaluate, lay.evaluate_record(run_name), EvaluateRecord, run_name=run_name,
-        train_record=TrainRecord.read(lay.train_record(run_name)),
+    kwargs = dict(
+        run_name=run_name, train_record=TrainRecord.read(lay.train_record(run_name)),
         extract_record=ExtractRecord.read(lay.extract_record(run.source)),
         task_meta=TaskMeta.read(lay.task_meta("target")), params=params.evaluate, data_dir=lay.data,
         reports_dir=lay.reports,
     )  # fmt: skip
+    return Call(f"evaluate@{run_name}", "evaluate", lay.evaluate_record(run_name), EvaluateRecord, kwargs)
+
+
+def run_data(params: Params, lay: Layout, runner: Runner) -> DataRecord:
+    return run_call(runner, data_call(params, lay))  # type: ignore[return-value]
+
+
+def run_pretrain(params: Params, lay: Layout, runner: Runner) -> PretrainRecord:
+    return run_call(runner, pretrain_call(params, lay))  # type: ignore[return-value]
+
+
+def run_weights(params: Params, lay: Layout, runner: Runner) -> WeightsRecord:
+    return run_call(runner, weights_call(params, lay))  # type: ignore[return-value]
+
+
+def run_extract(params: Params, lay: Layout, runner: Runner, source: str) -> ExtractRecord:
+    return run_call(runner, extract_call(params, lay, source))  # type: ignore[return-value]
+
+
+def run_advise(params: Params, lay: Layout, runner: Runner, source: str) -> AdviseRecord:
+    return run_call(runner, advise_call(params, lay, source))  # type: ignore[return-value]
+
+
+def run_train(params: Params, lay: Layout, runner: Runner, run_name: str) -> TrainRecord:
+    return run_call(runner, train_call(params, lay, run_name))  # type: ignore[return-value]
+
+
+def run_evaluate(params: Params, lay: Layout, runner: Runner, run_name: str) -> EvaluateRecord:
+    return run_call(runner, evaluate_call(params, lay, run_name))  # type: ignore[return-value]
 
 
 def upstream(params: Params, lay: Layout, runner: Runner, sources: Sequence[str], advised: Sequence[str] = ()) -> None:
@@ -219,12 +269,33 @@ def upstream(params: Params, lay: Layout, runner: Runner, sources: Sequence[str]
         run_advise(params, lay, runner, name)
 
 
+def pipeline_calls(params: Params, lay: Layout) -> list[tuple[str, Callable[[], Call]]]:
+    """Every stage after raw in the pipeline's order (dvc.yaml's), each built when reached (it reads upstream)."""
+    calls: list[tuple[str, Callable[[], Call]]] = [("data", lambda: data_call(params, lay))]
+    if params.needs_pretrain:
+        calls.append(("pretrain", lambda: pretrain_call(params, lay)))
+    calls.append(("weights", lambda: weights_call(params, lay)))
+    sources = sorted(params.sources)
+    calls += [(f"extract@{s}", lambda s=s: extract_call(params, lay, s)) for s in sources]
+    calls += [(f"advise@{s}", lambda s=s: advise_call(params, lay, s)) for s in sources]
+    for run in params.train.runs:
+        calls.append((f"train@{run}", lambda r=run: train_call(params, lay, r)))
+        calls.append((f"evaluate@{run}", lambda r=run: evaluate_call(params, lay, r)))
+    return calls
+
+
 def run_all(params: Params, lay: Layout, runner: Runner) -> dict[str, Any]:
     """The whole pipeline, the same stages as dvc.yaml (every source extracted and advised); its records."""
-    sources = sorted(params.sources)
-    upstream(params, lay, runner, sources, sources)
+    run_raw(params, lay, runner)
+    for _, build in pipeline_calls(params, lay):
+        run_call(runner, build())
+    return pipeline_records(params, lay)
+
+
+def pipeline_records(params: Params, lay: Layout) -> dict[str, Any]:
+    """The records a finished pipeline leaves, as the run's summary reads them."""
     runs = {
-        name: (run_train(params, lay, runner, name), run_evaluate(params, lay, runner, name))
+        name: (TrainRecord.read(lay.train_record(name)), EvaluateRecord.read(lay.evaluate_record(name)))
         for name in params.train.runs
     }
     source = PretrainRecord.read(lay.source_model / "record.json") if params.needs_pretrain else None

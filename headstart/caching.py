@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from headstart.codeversion import code_version
+from headstart.codeversion import code_version, stage_code
 from headstart.env import project_root
-from headstart.fingerprint import canonical_json, combine, sha256_bytes
+from headstart.fingerprint import canonical_json, combine, file_digests, sha256_bytes
+from headstart.uris import weights_content
 
-ContentFn = Callable[[dict[str, Any]], Any]
-_CONTENT: dict[str, ContentFn] = {}
-"""Task name -> what its arguments only name (registered by `cached`)."""
+CONTENT: dict[str, Callable[[dict[str, Any]], Any]] = {"weights": weights_content}
+"""Task name -> what its arguments only name: without it such an input could change while the key stays the same."""
 
 
 def _relative(value: Any) -> Any:
@@ -42,10 +42,22 @@ def _relative(value: Any) -> Any:
 
 def stage_key(task_name: str, parameters: dict[str, Any], module: str | None = None) -> str:
     """The key of one call: task name + the code version of `module` (default tasks/<name>.py) + inputs."""
-    content = _CONTENT.get(task_name)
+    content = CONTENT.get(task_name)
     extra = {"current_content": content(parameters)} if content is not None else {}
     inputs = canonical_json(_relative({**parameters, **extra}))
     return combine(task_name, code_version(module or f"tasks/{task_name}.py"), sha256_bytes(inputs.encode()))
+
+
+def stage_inputs(task_name: str, parameters: dict[str, Any], module: str | None = None) -> dict[str, str]:
+    """The key's parts, one short hash each (the code per file): what `headstart status` compares to say why."""
+    content = CONTENT.get(task_name)
+    extra = {"current_content": content(parameters)} if content is not None else {}
+    parts = {
+        f"code:{path}": digest for path, digest in file_digests(stage_code(module or f"tasks/{task_name}.py")).items()
+    }
+    for name, value in _relative({**parameters, **extra}).items():
+        parts[name] = sha256_bytes(canonical_json(value).encode())[:16]
+    return parts
 
 
 def bound_arguments(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -55,14 +67,8 @@ def bound_arguments(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str,
     return dict(bound.arguments)
 
 
-def cached(task_name: str, content: ContentFn | None = None) -> dict[str, Any]:
-    """Options for `@task(**cached("extract"))`: the content key, JSON results persisted in the project.
-
-    `content(parameters)` adds what the arguments only name (a weights file rewritten by another
-    stage, a registry alias): without it such an input could change while the key stays the same.
-    """
-    if content is not None:
-        _CONTENT[task_name] = content
+def cached(task_name: str) -> dict[str, Any]:
+    """Options for `@task(**cached("extract"))`: the content key, JSON results persisted in the project."""
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
         return stage_key(task_name, parameters)

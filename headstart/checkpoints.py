@@ -24,8 +24,6 @@ from headstart.heads import make_head
 from headstart.images import Decode, Preprocess
 
 SPEC_KEY = "headstart.spec"
-WEIGHTS_SHA_TAG = "weights_sha256"
-"""The registry tag holding a model version's full weights sha256 (what a registry fetch verifies against)."""
 
 
 class CheckpointError(ValueError):

@@ -110,3 +110,8 @@ def files_version(paths: Iterable[str]) -> str:
         h.update(rel.encode())
         h.update((_PROJECT / rel).read_bytes())
     return h.hexdigest()
+
+
+def file_digests(paths: Iterable[str]) -> dict[str, str]:
+    """A short hash per named project file: which file of a stage's code changed, for `headstart status`."""
+    return {rel: hashlib.sha256((_PROJECT / rel).read_bytes()).hexdigest()[:16] for rel in paths}

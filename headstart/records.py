@@ -88,6 +88,8 @@ class StageRecord(Record):
     key: str = ""
     """Content key of the inputs (stage name, its code version, params, upstream records); set by the runner."""
     outputs: list[Output] = []
+    inputs: dict[str, str] = {}
+    """The key's parts, a short hash each (every argument, every code file): what `headstart status` compares."""
 
     def intact(self) -> bool:
         return all(o.intact() for o in self.outputs)

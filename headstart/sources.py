@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import torch
@@ -25,7 +24,6 @@ from headstart.backbones import CLASSIFIER, StagedNet, create_model
 from headstart.caching import run_logger
 from headstart.checkpoints import (
     SPEC_KEY,
-    WEIGHTS_SHA_TAG,
     CheckpointError,
     ModelSpec,
     build_model,
@@ -39,37 +37,15 @@ from headstart.download import download, matches
 from headstart.env import project_root
 from headstart.fingerprint import ChecksumError, sha256_file, verify_sha256
 from headstart.records import SourceWeights
+from headstart.uris import HASH_IN_NAME, WEIGHTS_SHA_TAG, WeightsURI, local_path, parse_uri, registry_version
 
 if TYPE_CHECKING:
     import torchvision
 
-FORMS = (
-    "a local path, https://<host>/<file> (with sha256), torchvision:<model>/<WEIGHTS_ENUM>, "
-    "models:/<name>@<alias> or models:/<name>/<version>"
-)
 KNOWN_SHA256 = {
     "mobilenet_v2/IMAGENET1K_V1": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
 }
 """Full sha256s of torchvision weights files checked by hand; torchvision itself pins only 8 hex digits."""
-
-_TORCHVISION = re.compile(r"^torchvision:(\w+)/(\w+)$")
-_REGISTRY = re.compile(r"^models:/([^/@]+)(?:@([^/@]+)|/(\d+))$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
-"""The sha256 prefix torchvision writes into its weights file names (`mobilenet_v2-b0353104.pth`)."""
-
-
-@dataclass(frozen=True)
-class WeightsURI:
-    """A parsed weights URI."""
-
-    kind: Literal["path", "url", "torchvision", "registry"]
-    target: str
-    """The path, the URL, the torchvision model, or the registered model's name."""
-    member: str | None = None
-    """torchvision: the weights enum member; registry: the alias."""
-    version: str | None = None
-    """registry: the version number (when no alias is given)."""
 
 
 @dataclass(frozen=True)
@@ -83,43 +59,6 @@ class Fetched:
     spec: ModelSpec | None = None
     image_size: int | None = None
     """The input size the weights were evaluated at (torchvision's crop size), when the source says."""
-
-
-def parse_uri(uri: str) -> WeightsURI:
-    """Recognise one of the weights URI forms; anything else is an error that lists them."""
-    uri = uri.strip()
-    if not uri:
-        raise ValueError(f"empty weights URI; expected {FORMS}")
-    if uri.startswith(("https://", "http://")):
-        parts = urlsplit(uri)
-        if not parts.hostname or not Path(parts.path).name:
-            raise ValueError(f"weights URL {uri!r} must name a host and a file")
-        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost"):
-            raise ValueError(f"weights URL {uri!r}: plain http is accepted only for 127.0.0.1; use https")
-        return WeightsURI("url", uri)
-    if uri.startswith("torchvision:"):
-        m = _TORCHVISION.match(uri)
-        if not m:
-            raise ValueError(
-                f"weights URI {uri!r}: expected torchvision:<model>/<WEIGHTS_ENUM>, "
-                "e.g. torchvision:resnet18/IMAGENET1K_V1"
-            )
-        return WeightsURI("torchvision", m.group(1), member=m.group(2))
-    if uri.startswith("models:"):
-        m = _REGISTRY.match(uri)
-        if not m:
-            raise ValueError(f"weights URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        return WeightsURI("registry", m.group(1), member=m.group(2), version=m.group(3))
-    scheme = _SCHEME.match(uri)
-    if scheme:
-        raise ValueError(f"weights URI {uri!r}: unsupported scheme {scheme.group(1)!r}; expected {FORMS}")
-    return WeightsURI("path", uri)
-
-
-def local_path(target: str) -> Path:
-    """A params path: absolute as given, else relative to the project root."""
-    path = Path(target).expanduser()
-    return path if path.is_absolute() else project_root() / path
 
 
 def torchvision_weights(model: str, member: str) -> torchvision.models.WeightsEnum:
@@ -155,18 +94,6 @@ def fetch(uri: str, sha256: str | None, params: WeightsParams, cache_dir: Path) 
     if parsed.kind == "torchvision":
         return _fetch_torchvision(parsed, sha256, params)
     return _fetch_registry(parsed, uri, sha256, cache_dir)
-
-
-def content_pin(uri: str, sha256: str | None) -> str:
-    """What a URI names right now, for cache keys: a local file's or a registry alias's content can change under it."""
-    parsed = parse_uri(uri)
-    if parsed.kind == "path":
-        path = local_path(parsed.target)
-        return sha256_file(path) if path.is_file() else f"missing:{path}"
-    if parsed.kind == "registry":
-        version = _model_version(parsed, uri)
-        return f"{version.name}/{version.version}/{version.tags.get(WEIGHTS_SHA_TAG)}"
-    return sha256 or uri  # a URL or a torchvision enum names fixed bytes
 
 
 def load_source(weights: SourceWeights) -> StagedNet:
@@ -263,23 +190,10 @@ def _fetch_torchvision(parsed: WeightsURI, sha256: str | None, params: WeightsPa
     return Fetched(dest, actual, tuple(transforms.mean), tuple(transforms.std), image_size=size)
 
 
-def _model_version(parsed: WeightsURI, uri: str) -> Any:
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    try:
-        if parsed.member is not None:
-            return client.get_model_version_by_alias(parsed.target, parsed.member)
-        return client.get_model_version(parsed.target, parsed.version)
-    except mlflow.exceptions.MlflowException as err:
-        raise LookupError(f"{uri}: not in the MLflow registry at {mlflow.get_tracking_uri()}: {err.message}") from None
-
-
 def _fetch_registry(parsed: WeightsURI, uri: str, sha256: str | None, cache_dir: Path) -> Fetched:
     import mlflow
 
-    version = _model_version(parsed, uri)
+    version = registry_version(parsed, uri)
     expected = version.tags.get(WEIGHTS_SHA_TAG)
     if not expected:
         raise CheckpointError(f"{uri} (version {version.version}): no {WEIGHTS_SHA_TAG!r} tag: not logged by headstart")

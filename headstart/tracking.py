@@ -24,9 +24,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from headstart.caching import run_logger
-from headstart.checkpoints import WEIGHTS_SHA_TAG, ModelSpec
+from headstart.checkpoints import ModelSpec
 from headstart.env import project_root
 from headstart.records import TaskMeta
+from headstart.uris import WEIGHTS_SHA_TAG
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ preprocessing: everything `headstart.sources.load_source` needs to rebuild the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 
@@ -17,7 +16,8 @@ from headstart.checkpoints import build_model
 from headstart.config import AUTO_CUT, SourceParams, WeightsParams
 from headstart.images import Preprocess
 from headstart.records import Output, SourceWeights, WeightsRecord, relative
-from headstart.sources import Fetched, WeightsURI, content_pin, fetch, parse_uri
+from headstart.sources import Fetched, fetch
+from headstart.uris import WeightsURI, parse_uri
 
 
 def check_source(name: str, source: SourceParams) -> WeightsURI:
@@ -80,13 +80,7 @@ def make_record(name: str, source: SourceParams, fetched: Fetched) -> SourceWeig
     )
 
 
-def _current_content(parameters: dict[str, Any]) -> dict[str, str]:
-    """What each URI names right now: a local file (rewritten by pretrain) or a registry alias can change."""
-    sources = {name: SourceParams.model_validate(s) for name, s in parameters["sources"].items()}
-    return {name: content_pin(s.weights, s.sha256) for name, s in sources.items()}
-
-
-@task(**cached("weights", content=_current_content))
+@task(**cached("weights"))
 def weights(sources: dict[str, SourceParams], params: WeightsParams, out_dir: Path, cache_dir: Path) -> WeightsRecord:
     """Fetch and verify every source's weights; write `out_dir/<source>.json` (what extract@<source> depends on)."""
     log = run_logger()

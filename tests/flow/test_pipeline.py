@@ -22,6 +22,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.layout import Layout
 from flows.pipeline import transfer
+from flows.stages import pipeline_calls
+from flows.status import StageStatus, pipeline_status, stage_links
+from headstart.caching import bound_arguments
 from headstart.config import parse_params
 from headstart.records import ExtractRecord
 from headstart.store import FeatureStore, StoreError
@@ -79,13 +82,61 @@ def test_second_run_with_nothing_changed_computes_nothing(
     assert computed(states) == ALWAYS, states
     assert states == Counter({("raw", "Completed"): 1})  # no other stage even started a task run
     # ... because each found its record on disk current: every stage of the pipeline, once per source or run
-    found = Counter(r.getMessage().split(":", 1)[0] for r in caplog.records if "up to date (" in r.getMessage())
+    found = Counter(
+        r.getMessage().split("@")[0].split(":")[0] for r in caplog.records if "up to date (" in r.getMessage()
+    )
     sources, runs = len(project["raw"]["sources"]), len(project["raw"]["train"]["runs"])
     assert found == Counter(
         {"data": 1, "pretrain": 1, "weights": 1, "extract": sources, "advise": sources, "train": runs, "evaluate": runs}
     )
     for name, record in result["runs"].items():
         assert record["test_accuracy"] == project["first"]["runs"][name]["test_accuracy"]
+
+
+def test_status_after_a_run_is_up_to_date_and_every_call_binds_its_task(project: dict[str, Any]) -> None:
+    params, lay = parse_params(project["raw"]), Layout(project["root"])
+    statuses = pipeline_status(params, lay)
+    assert [(s.stage, s.state) for s in statuses] == [(stage, "up to date") for stage in stage_links(params)]
+    for stage, build in pipeline_calls(params, lay):
+        call = build()
+        # every argument bound: the key status computes without the task is the key Prefect's cache uses
+        assert call.stage == stage and bound_arguments(call.load().fn, call.kwargs) == call.kwargs, stage
+        assert call.kind.read(call.record).inputs == call.inputs(), stage
+
+
+def _stale(statuses: list[StageStatus]) -> dict[str, tuple[str, list[str]]]:
+    return {s.stage: (s.state, s.why) for s in statuses if s.state != "up to date"}
+
+
+def test_status_names_a_changed_param_as_the_reason_for_the_stages_it_touches(project: dict[str, Any]) -> None:
+    raw = {**project["raw"], "train": {**project["raw"]["train"], "seed": 7}}
+    stale = _stale(pipeline_status(parse_params(raw), Layout(project["root"])))
+    runs = project["raw"]["train"]["runs"]
+    assert stale == {
+        **{f"train@{r}": ("stale", ["input 'params' changed"]) for r in runs},
+        **{f"evaluate@{r}": ("waits", [f"on train@{r}"]) for r in runs},
+    }
+
+
+def test_status_names_a_changed_weights_file_and_a_changed_data_file(project: dict[str, Any]) -> None:
+    params, lay = parse_params(project["raw"]), Layout(project["root"])
+    weights = project["root"] / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    labels = Path(project["raw"]["data"]["root"]) / "t10k-labels-idx1-ubyte.gz"
+    for path, first in ((weights, "weights"), (labels, "raw")):
+        original = path.read_bytes()
+        path.write_bytes(original + b"\0")
+        try:
+            stale = _stale(pipeline_status(params, lay))
+        finally:
+            path.write_bytes(original)
+        assert list(stale)[0] == first and stale[first][0] == "stale"
+        if first == "weights":
+            assert stale["weights"][1] == [f"output {path.relative_to(project['root'])} changed or missing"]
+            assert "data" not in stale and stale["extract@imagenet"] == ("waits", ["on weights"])
+        else:
+            assert stale["raw"][1] == ["Fashion-MNIST t10k-labels-idx1-ubyte.gz changed"]
+            assert stale["data"] == ("waits", ["on raw"]) and len(stale) == len(stage_links(params))
+    assert _stale(pipeline_status(params, lay)) == {}
 
 
 def test_deleted_output_is_recomputed_not_trusted(project: dict[str, Any]) -> None:

@@ -145,7 +145,7 @@ def test_advise_task_probes_every_stored_cut_and_writes_a_deterministic_advice(s
     assert again_run_id != run_id
     (tmp_path / "logged").mkdir()
     logged = Path(client.download_artifacts(run_id, "advice.json", str(tmp_path / "logged")))
-    assert json.loads(logged.read_text()) == {k: v for k, v in advice.items() if k not in ("key", "outputs")}
+    assert json.loads(logged.read_text()) == {k: v for k, v in advice.items() if k not in ("key", "inputs", "outputs")}
 
     text = advice_text(advice)
     for needle in ("small target", "recommendation: frozen at", "why:", "pixels", "untrained", *CUTS):

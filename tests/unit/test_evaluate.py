@@ -145,7 +145,8 @@ def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
     # the registered version is found in the registry by the weights' sha256 (test_evaluate_logs_to_the_train_run...)
     assert isinstance(record, EvaluateRecord)
     assert set(EvaluateRecord.model_fields) == {
-        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated", "key", "outputs"
+        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",
+        "key", "inputs", "outputs",
     }  # fmt: skip
     assert record.run_name == f"eval-{strategy}"
     report = json.loads((reports / "metrics.json").read_text())

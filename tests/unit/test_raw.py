@@ -56,7 +56,7 @@ def test_an_edited_idx_file_changes_the_record(params: DataParams) -> None:
 
 
 def test_without_local_files_the_record_is_the_pinned_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tasks.raw.SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("headstart.raw.SYSTEM_DIR", tmp_path / "nowhere")
     record = raw.fn(params=DataParams())
     assert record.fmnist_origin == "download"
     assert record.fmnist == {name: f"md5:{md5}" for name, md5 in OFFICIAL_MD5.items()}

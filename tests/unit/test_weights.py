@@ -25,7 +25,8 @@ from headstart.env import project_root
 from headstart.fingerprint import ChecksumError, sha256_bytes, sha256_file
 from headstart.images import Preprocess
 from headstart.records import SourceWeights, WeightsRecord
-from headstart.sources import content_pin, fetch, load_source, parse_uri, torchvision_weights
+from headstart.sources import fetch, load_source, torchvision_weights
+from headstart.uris import content_pin, parse_uri
 from tasks.weights import check_source, weights
 
 REAL_MOBILENET = Path(__file__).resolve().parents[2] / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
