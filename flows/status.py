@@ -61,7 +61,7 @@ def _upstream(deps: set[str], outs: set[str]) -> bool:
     return any(d == o or d.startswith(o.rstrip("/") + "/") for d in deps for o in outs)
 
 
-def _raw_changes(old: RawRecord, new: RawRecord) -> list[str]:
+def raw_changes(old: RawRecord, new: RawRecord) -> list[str]:
     """What differs between two raw records, file by file (the first few named)."""
     why = []
     if old.fmnist_origin != new.fmnist_origin:
@@ -124,7 +124,7 @@ def pipeline_status(params: Params, lay: Layout) -> list[StageStatus]:
     if old is None:
         statuses = [StageStatus("raw", "stale", ["never run (raw.json missing)"])]
     elif old != new:
-        statuses = [StageStatus("raw", "stale", _raw_changes(old, new))]
+        statuses = [StageStatus("raw", "stale", raw_changes(old, new))]
     else:
         statuses = [StageStatus("raw", "up to date")]
     links = stage_links(params)

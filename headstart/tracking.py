@@ -17,17 +17,19 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from headstart.caching import run_logger
-from headstart.checkpoints import ModelSpec
 from headstart.env import project_root
 from headstart.records import TaskMeta
 from headstart.uris import WEIGHTS_SHA_TAG
+
+if TYPE_CHECKING:  # a type only: `headstart run`'s summary reads MLflow without loading torch
+    from headstart.checkpoints import ModelSpec
 
 log = logging.getLogger(__name__)
 
