@@ -10,5 +10,6 @@ BENCHMARKS = (
     "sklearn_baseline",
     "partial",
     "commands",
+    "threads",
 )
 """Module names under bench/ in table order, each with `NAME` and `run(workspace) -> list[Row]`."""

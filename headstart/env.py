@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from headstart.threads import available_cores
+
 
 def configure_environment(root: Path | str | None = None) -> Path:
     """Fill in the embedded defaults for `root` (default: the working directory); values already set win.
@@ -35,6 +37,8 @@ def configure_environment(root: Path | str | None = None) -> Path:
         # CPUs it does not by default), so the same params and seed give the same features and metrics
         # whatever the thread count, and Dask workers (one thread) write bitwise the local store's rows
         "MKL_CBWR": "AUTO,STRICT",
+        # torch's threads: the cores this process may use (affinity, a container's CPU quota), not the host's count
+        "OMP_NUM_THREADS": str(available_cores()),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

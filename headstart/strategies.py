@@ -24,6 +24,7 @@ from headstart.datasets import TaskData
 from headstart.fit import EpochCallback, FitResult, fit, predict_logits
 from headstart.heads import make_head
 from headstart.images import Preprocess
+from headstart.threads import head_threads, torch_threads
 
 Features = tuple[np.ndarray, np.ndarray]
 """Stored activations at one cut for the training and validation images."""
@@ -56,16 +57,17 @@ def train_frozen_head(
     """A seeded new head trained on stored features (rows of the shape the features have)."""
     torch.manual_seed(recipe.seed)
     head = make_head(tuple(train[0].shape[1:]), num_classes, recipe.head)
-    result = fit(
-        head,
-        train,
-        val,
-        recipe.optim,
-        recipe.seed,
-        recipe.device,
-        on_epoch=on_epoch,
-        class_weights=recipe.class_weights,
-    )
+    with torch_threads(head_threads()):  # bitwise the same at any count: fitted to the idle cores
+        result = fit(
+            head,
+            train,
+            val,
+            recipe.optim,
+            recipe.seed,
+            recipe.device,
+            on_epoch=on_epoch,
+            class_weights=recipe.class_weights,
+        )
     return head, result
 
 

@@ -35,6 +35,7 @@ from headstart.heads import make_head
 from headstart.images import Preprocess
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction
+from headstart.threads import head_threads, torch_threads
 
 PIXELS = "pixels"
 """The probe's other reference input: the raw target images, no network at all."""
@@ -59,7 +60,8 @@ def probe(
     the advice file is the same bytes for the same inputs, so DVC does not see a change that is not there)."""
     torch.manual_seed(params.seed)
     head = make_head(train[0].shape[1:], num_classes, HeadParams())
-    result = fit(head, train, val, params.probe, params.seed, params.device)
+    with torch_threads(head_threads()):  # a head on stored rows: bitwise the same at any thread count
+        result = fit(head, train, val, params.probe, params.seed, params.device)
     return {
         "val_accuracy": result.best["val_accuracy"],
         "val_loss": result.best["val_loss"],
