@@ -2,6 +2,7 @@
 
 BENCHMARKS = (
     "extraction",
+    "extraction_codecs",
     "cached_head",
     "warm_rerun",
     "incremental",

@@ -17,7 +17,7 @@ import torch
 from bench.timing import log, timed
 from headstart.backbones import create_model
 from headstart.checkpoints import save_weights
-from headstart.config import DataParams, Params, SourceParams, TrainParams, load_params
+from headstart.config import DataParams, ExtractParams, Params, SourceParams, TrainParams, load_params
 from headstart.datasets import SPLITS, Split, TaskData, load_task, save_task
 from headstart.extraction import stored_features
 from headstart.fmnist import SYSTEM_DIR, idx_files
@@ -168,9 +168,14 @@ class Workspace:
         task_meta: TaskMeta,
         store_root: Path,
         taps: Sequence[str] = (),
+        params: ExtractParams | None = None,
     ) -> tuple[ExtractRecord, float]:
-        """The real extract task (params.yaml's extract section), storing the cut and `taps`: (its record, seconds)."""
-        return timed(lambda: extract.fn(weights_record, task_meta, self.params.extract, data_dir, store_root, taps))
+        """The real extract task storing the cut and `taps`: (its record, seconds).
+
+        `params` defaults to params.yaml's extract section, as the pipeline runs it.
+        """
+        params = params or self.params.extract
+        return timed(lambda: extract.fn(weights_record, task_meta, params, data_dir, store_root, taps))
 
     @staticmethod
     def computed(record: ExtractRecord, before: ExtractRecord | None = None) -> int:

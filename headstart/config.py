@@ -17,6 +17,10 @@ Device = Literal["auto", "cpu", "cuda"]
 Strategy = Literal["frozen", "partial", "finetune", "scratch", "auto"]
 UpperInit = Literal["pretrained", "random"]
 HeadInit = Literal["kaiming", "xavier", "zeros", "ones"]
+StoreCodec = Literal["none", "lz4", "zstd-1", "zstd-3"]
+"""How the feature store compresses its chunks (headstart.store.CODECS); every one is lossless and crc32c-checked."""
+StoreDtype = Literal["float32", "float16"]
+"""The stored activations' type: float16 halves the disk and the write, rounding each value (provenance: in the key)."""
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 AUTO_CUT = "auto"
 STORED = ("frozen", "partial")
@@ -156,6 +160,13 @@ class ExtractParams(_Section):
     """LocalCluster worker processes (one thread each; each shard runs torch on one thread)."""
     shard_chunks: Annotated[int, Field(ge=1)] = 4
     """Zarr chunks per shard: the unit a worker computes, writes and marks done (a rerun redoes only unmarked ones)."""
+    codec: StoreCodec = "zstd-1"
+    """Compression of a new store's chunks (bench/extraction_codecs.py measures each). Lossless, so not provenance:
+    it is not in the store key, an existing store keeps the codec it was made with, and readers open any."""
+    dtype: StoreDtype = "float32"
+    """float32: the forward pass's values, bitwise. float16: half the bytes, values rounded to float16 (readers
+    get them back as float32); it is provenance, so a float16 store has a key of its own. A source whose
+    activations exceed float16's range (65504) is refused: store it as float32."""
 
 
 class HeadParams(_Section):

@@ -26,11 +26,15 @@ from headstart.store import FeatureStore
 CORE = "headstart/extraction.py"
 
 
-def provenance(weights_sha256: str, arch: str, taps: str | Sequence[str], pre: Preprocess) -> dict[str, Any]:
-    """Everything that determines the activations, as JSON-able group attributes.
+def provenance(
+    weights_sha256: str, arch: str, taps: str | Sequence[str], pre: Preprocess, dtype: str = "float32"
+) -> dict[str, Any]:
+    """Everything that determines the stored values, as JSON-able group attributes.
 
     `taps` are the stages whose outputs are (to be) stored, in network order; one name is one tap.
-    A writer's provenance names every tap of its store, a reader's the taps it needs.
+    A writer's provenance names every tap of its store, a reader's the taps it needs. `dtype`
+    (extract.dtype) is in it because float16 rounds every value: a float16 store is another
+    store, never read as the float32 one. The codec is not: it is lossless.
     """
     taps = [taps] if isinstance(taps, str) else list(taps)
     if not taps or len(set(taps)) != len(taps):
@@ -42,6 +46,7 @@ def provenance(weights_sha256: str, arch: str, taps: str | Sequence[str], pre: P
         "preprocess": pre.model_dump(mode="json"),
         "code_version": code_version(CORE),
         "torch": torch.__version__,
+        "dtype": dtype,
     }
 
 
@@ -98,8 +103,13 @@ def segment_features(
     batch_size: int,
     device: torch.device | str = "cpu",
 ) -> dict[str, np.ndarray]:
-    """Activations at every tap for one chunk segment's images (the unit the store's `compute` gets)."""
+    """Activations at every tap for one chunk segment's images (the unit the store's `compute` gets).
+
+    A segment of one batch (chunks no larger than a batch) is returned as computed, without a copy.
+    """
     batches = list(extract_taps(net, images, pre, taps, batch_size, device))
+    if len(batches) == 1:
+        return batches[0]
     return {t: np.concatenate([b[t] for b in batches]) for t in taps}
 
 

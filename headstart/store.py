@@ -13,7 +13,13 @@ store only when the completion marker `COMMITTED.json` (written last) agrees wit
 stored keys.
 
 Every chunk carries a crc32c checksum, so a damaged chunk file fails to decode instead of giving
-wrong numbers. `scan` decodes every committed chunk (what `headstart verify` runs). A reader that
+wrong numbers, whichever codec compressed it (`CODECS`: none, lz4, zstd; chosen when a store is
+made, recorded in Zarr's own array metadata, so a reader opens a store whatever its codec). The
+codec is lossless and not provenance; the stored dtype (float32 or float16) is: it is in the
+provenance, hence the key. Readers always get float32 (float16 is upcast), and a float16 store
+refuses activations beyond float16's range instead of storing infinities.
+
+`scan` decodes every committed chunk (what `headstart verify` runs). A reader that
 meets an unreadable or non-finite chunk removes the completion marker, so both orchestrators see
 the extract stage's output changed and rerun it; `repair` (run by every extraction of an
 incomplete store) then recomputes exactly the damaged chunks' rows. Rows whose key is unreadable,
@@ -47,13 +53,14 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from headstart.files import atomic_write
 from headstart.fingerprint import sha256_bytes, sha256_json
 
-FORMAT = 2
-"""Layout version: 2 stores one array per tap under `features/`."""
+FORMAT = 3
+"""Layout version: 2 stores one array per tap under `features/`; 3 adds the stored dtype and the codec."""
 KEY_BYTES = 32
 MARKER = "COMMITTED.json"
 LOCK = ".writer.lock"
@@ -65,6 +72,22 @@ TOMBSTONE = bytes(KEY_BYTES)
 """The key of a forgotten row (repaired away): no sample's sha256 is 32 zero bytes."""
 LEASE = "lease.json"
 """In `.shards/`: who coordinates a sharded extension, so a worker that sees another file system is refused."""
+CODECS: dict[str, tuple[BytesBytesCodec, ...]] = {
+    "none": (),
+    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),),
+    "zstd-1": (ZstdCodec(level=1),),
+    "zstd-3": (ZstdCodec(level=3),),
+}
+"""`extract.codec` -> the compressor before the crc32c of every feature chunk. Blosc's lz4 is Zarr v3's own
+codec (no numcodecs wrapper for readers to need); byte shuffling made post-ReLU activations larger, not smaller
+(their zero runs are what compresses), so it is off."""
+DTYPES = ("float32", "float16")
+"""`extract.dtype`: how activations are stored; reads always return float32."""
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+_WRITE_CONFIG = {"write_empty_chunks": True}
+"""Zarr's default skips a chunk equal to the fill value, found by comparing every element as raw bytes (numpy's
+void `array_equal`): more than half the CPU time of writing an uncompressed chunk. Chunks here are whole and
+rarely all zero, so every one is written (a missing chunk would read as zeros either way)."""
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +113,10 @@ def non_finite_rows(array: np.ndarray) -> np.ndarray:
 
 class NonFiniteError(StoreError):
     """Activations with NaN or infinity: refused when written, and when read (a store altered after extraction)."""
+
+
+class OutOfRangeError(StoreError):
+    """Activations beyond what the store's dtype holds (float16: 65504): refused, never stored as infinities."""
 
 
 class MissingRowsError(StoreError):
@@ -122,9 +149,10 @@ def store_path(root: Path | str, prov: dict[str, Any]) -> Path:
     return Path(root) / f"{store_key(prov)}.zarr"
 
 
-def rows_per_chunk(feature_shape: tuple[int, ...], chunk_mb: float, batch_size: int) -> int:
-    """Rows in one chunk of about `chunk_mb` MiB (uncompressed), a multiple of the batch size when larger."""
-    row_bytes = 4 * math.prod(feature_shape)
+def rows_per_chunk(feature_shape: tuple[int, ...], chunk_mb: float, batch_size: int, itemsize: int = 4) -> int:
+    """Rows in one chunk of about `chunk_mb` MiB (uncompressed, `itemsize` bytes a value), a multiple of the
+    batch size when larger."""
+    row_bytes = itemsize * math.prod(feature_shape)
     rows = max(1, int(chunk_mb * (1 << 20) // row_bytes))
     if rows > batch_size:
         rows -= rows % batch_size
@@ -220,15 +248,21 @@ class FeatureStore:
         prov: dict[str, Any],
         shapes: Mapping[str, tuple[int, ...]] | tuple[int, ...],
         chunk_rows: int,
+        codec: str = "zstd-1",
     ) -> FeatureStore:
         """The store to extend: created empty (atomically) when absent, else checked like `open` minus completeness.
 
         `shapes` maps each tap of `prov` to one sample's activation shape (a bare shape for one tap).
+        `codec` (a key of `CODECS`) applies to a new store only: an existing one keeps its own (see `codec`).
         """
         path = Path(path)
         shapes = _tap_shapes(prov["taps"], shapes)
+        if codec not in CODECS:
+            raise ValueError(f"unknown store codec {codec!r}; expected one of {list(CODECS)}")
+        if prov["dtype"] not in DTYPES:
+            raise ValueError(f"unknown store dtype {prov['dtype']!r}; expected one of {list(DTYPES)}")
         if not path.exists():
-            cls._create(path, prov, shapes, chunk_rows)
+            cls._create(path, prov, shapes, chunk_rows, codec)
         store = cls._open(path, prov, mode="r+", exact=True)
         for tap, shape in shapes.items():
             if store.tap_shapes[tap] != shape:
@@ -238,22 +272,33 @@ class FeatureStore:
         return store
 
     @classmethod
-    def _create(cls, path: Path, prov: dict[str, Any], shapes: dict[str, tuple[int, ...]], chunk_rows: int) -> None:
-        """Build the empty group in a temporary folder, then rename it into place (never seen half-made)."""
+    def _create(
+        cls, path: Path, prov: dict[str, Any], shapes: dict[str, tuple[int, ...]], chunk_rows: int, codec: str
+    ) -> None:
+        """Build the empty group in a temporary folder, then rename it into place (never seen half-made).
+
+        The keys are sha256 digests, which no codec shrinks: they get the crc32c alone.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
         try:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
-            codecs = {"compressors": (ZstdCodec(), Crc32cCodec()), "fill_value": 0}
-            group.create_array("keys", shape=(0, KEY_BYTES), chunks=(chunk_rows, KEY_BYTES), dtype="uint8", **codecs)
+            group.create_array(
+                "keys", shape=(0, KEY_BYTES), chunks=(chunk_rows, KEY_BYTES), dtype="uint8",
+                compressors=(Crc32cCodec(),), fill_value=0,
+            )  # fmt: skip
             features = group.create_group("features")
             for tap, shape in shapes.items():
-                features.create_array(tap, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype="float32", **codecs)
+                features.create_array(
+                    tap, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype=prov["dtype"],
+                    compressors=(*CODECS[codec], Crc32cCodec()), fill_value=0,
+                )  # fmt: skip
             group.attrs.update(
                 {
                     **prov,
                     "headstart_store": FORMAT,
                     "store_key": store_key(prov),
+                    "codec": codec,
                     "tap_shapes": {tap: list(shape) for tap, shape in shapes.items()},
                     "rows": 0,
                     "complete": False,
@@ -287,6 +332,10 @@ class FeatureStore:
                     f"{path}: attribute {name!r} is {actual!r} but the extractor has {value!r}; "
                     "this store belongs to another extractor (or its attributes were edited)"
                 )
+        if store.dtype != prov["dtype"]:
+            raise ProvenanceError(
+                f"{path}: its arrays hold {store.dtype}, its attributes say {prov['dtype']!r}; the store was altered"
+            )
         absent = [t for t in prov["taps"] if t not in store.taps]
         if absent:
             raise ProvenanceError(
@@ -300,8 +349,10 @@ class FeatureStore:
         try:
             self._group = zarr.open_group(self.path, mode=self._mode, zarr_format=3)
             self._attrs = dict(self._group.attrs)
-            self._keys = self._group["keys"]
-            self._features = {tap: self._group[f"features/{tap}"] for tap in self._attrs["tap_shapes"]}
+            self._keys = self._group["keys"].with_config(_WRITE_CONFIG)
+            self._features = {
+                tap: self._group[f"features/{tap}"].with_config(_WRITE_CONFIG) for tap in self._attrs["tap_shapes"]
+            }
         except Exception as err:
             raise StoreError(f"{self.path}: not a readable feature store: {err}") from err
         self._committed: np.ndarray | None = None
@@ -331,6 +382,16 @@ class FeatureStore:
     @property
     def tap_shapes(self) -> dict[str, tuple[int, ...]]:
         return {tap: tuple(shape) for tap, shape in self._attrs["tap_shapes"].items()}
+
+    @property
+    def dtype(self) -> str:
+        """How the activations are stored (float32 or float16); `read` returns float32 either way."""
+        return str(next(iter(self._features.values())).dtype)
+
+    @property
+    def codec(self) -> str:
+        """The codec (a key of `CODECS`) the store was made with; Zarr's array metadata tells readers the same."""
+        return str(self._attrs["codec"])
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -618,17 +679,36 @@ class FeatureStore:
         """Write rows `start..start+len(keys)` of every tap, then their keys; commits nothing (`rows` is unchanged)."""
         feats = self._checked(feats, len(keys))
         for tap, array in feats.items():
-            bad = non_finite_rows(array)
-            if len(bad):
-                raise NonFiniteError(
-                    f"{self.path}: the source network emitted NaN or infinite activations at {tap!r} for "
-                    f"{len(bad)} image(s), store rows {(start + bad)[:10].tolist()}; nothing of them is stored "
-                    "(check the weights and the images: a backbone that emits them cannot be transferred from)"
-                )
+            self._refuse_unstorable(tap, array, start)
         stop = start + len(keys)
         for tap, array in self._features.items():
-            array[start:stop] = feats[tap]
+            array[start:stop] = feats[tap].astype(array.dtype, copy=False)
         self._keys[start:stop] = keys
+
+    def _refuse_unstorable(self, tap: str, array: np.ndarray, start: int) -> None:
+        """NaN or infinity (from the network), or for float16 a value past its range, raise naming tap and rows.
+
+        The fast path is two reductions (min and max: NaN and infinities propagate into them), with no
+        temporary the size of the chunk; the rows are located only when something is wrong.
+        """
+        if array.size == 0:
+            return
+        lo, hi = float(array.min()), float(array.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = non_finite_rows(array)
+            raise NonFiniteError(
+                f"{self.path}: the source network emitted NaN or infinite activations at {tap!r} for "
+                f"{len(bad)} image(s), store rows {(start + bad)[:10].tolist()}; nothing of them is stored "
+                "(check the weights and the images: a backbone that emits them cannot be transferred from)"
+            )
+        if self.dtype == "float16" and max(-lo, hi) > FLOAT16_MAX:
+            bad = np.flatnonzero((np.abs(array.reshape(len(array), -1)) > FLOAT16_MAX).any(axis=1))
+            raise OutOfRangeError(
+                f"{self.path}: activations at {tap!r} range over [{lo:.6g}, {hi:.6g}] for store rows "
+                f"{(start + bad)[:10].tolist()} ({len(bad)} image(s)), beyond float16's largest value "
+                f"{FLOAT16_MAX:g}: stored as float16 they would become infinite; nothing of them is stored. "
+                "Store this source as float32 (extract.dtype: float32)"
+            )
 
     # --- sharded writing (worker side) ------------------------------------------------------------
 

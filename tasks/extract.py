@@ -35,10 +35,17 @@ def open_store(
     """The source's store for these taps (created if new), each tap's shape, and the provenance that keys it."""
     pre = weights.preprocess
     shapes = {t: feature_shape(net, t, pre) for t in cuts}
-    prov = provenance(weights.sha256, weights.arch, cuts, pre)
+    prov = provenance(weights.sha256, weights.arch, cuts, pre, params.dtype)
     widest = max(shapes.values(), key=math.prod)  # every tap shares the rows per chunk, sized for the widest
-    chunk_rows = rows_per_chunk(widest, params.chunk_mb, params.batch_size)
-    return FeatureStore.open_or_create(store_path(store_root, prov), prov, shapes, chunk_rows), shapes, prov
+    chunk_rows = rows_per_chunk(widest, params.chunk_mb, params.batch_size, np.dtype(params.dtype).itemsize)
+    store = FeatureStore.open_or_create(store_path(store_root, prov), prov, shapes, chunk_rows, params.codec)
+    if store.codec != params.codec:
+        run_logger().warning(
+            "extract %s: the store %s keeps the codec %s it was made with (extract.codec %s applies to new stores; "
+            "the values are the same: delete the store to rewrite it)", weights.source, store.path, store.codec,
+            params.codec,
+        )  # fmt: skip
+    return store, shapes, prov
 
 
 def fill_store(

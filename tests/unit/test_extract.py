@@ -21,11 +21,11 @@ from headstart.backbones import create_model, preprocess
 from headstart.checkpoints import load_weights
 from headstart.config import ExtractParams
 from headstart.datasets import SPLITS, Split, TaskData, save_task
-from headstart.extraction import extract_taps, provenance, stored_taps
+from headstart.extraction import extract_taps, provenance, stored_features, stored_taps
 from headstart.fingerprint import row_keys
 from headstart.images import FMNIST_DECODE, Preprocess
 from headstart.records import ExtractRecord, SourceWeights, TaskMeta
-from headstart.store import FeatureStore, IncompleteStoreError, store_path
+from headstart.store import FeatureStore, IncompleteStoreError, ProvenanceError, store_path
 from tasks.extract import extract
 from tests.tiny import random_cnn_weights
 
@@ -180,6 +180,23 @@ def test_multi_tap_store_serves_any_stored_cut_without_extracting_again(tmp_path
         with torch.no_grad():
             direct = net.upto(tap)(preprocess(all_images(task), PRE)).numpy()
         np.testing.assert_allclose(stored.read(keys), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float16_extraction_is_a_store_of_its_own_read_as_float32(tmp_path: Path, weights: SourceWeights) -> None:
+    task = make_task(40)
+    data_dir, root = tmp_path / "data", tmp_path / "features"
+    record = save(task, data_dir)
+    half = extract.fn(weights, record, PARAMS.model_copy(update={"dtype": "float16", "codec": "lz4"}), data_dir, root)
+    full, _ = run_extract(weights, record, data_dir, root)
+    assert half.provenance["dtype"] == "float16" and full.provenance["dtype"] == "float32"
+    assert half.store_key != full.store_key and half.store_dir() != full.store_dir()
+    with pytest.raises(ProvenanceError, match="'dtype' is 'float16'"):
+        FeatureStore.open(half.store_dir(), full.provenance_for())
+    keys = row_keys(all_images(task))
+    exact = FeatureStore.open(full.store_dir(), full.provenance_for()).read(keys)
+    rounded = stored_features(half, all_images(task))
+    assert rounded.dtype == np.float32
+    np.testing.assert_array_equal(rounded, exact.astype(np.float16).astype(np.float32))
 
 
 _CHILD = """
