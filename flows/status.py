@@ -80,7 +80,11 @@ def raw_changes(old: RawRecord, new: RawRecord) -> list[str]:
     return why or ["its record differs"]
 
 
-def input_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+PARAM_ARGS = {"run": "train.runs", "source": "sources", "sources": "sources", "taps": "sources"}
+"""Task arguments that are params.yaml sections other than the task's own (its `params` argument)."""
+
+
+def input_changes(old: dict[str, str], new: dict[str, str], task: str = "") -> list[str]:
     """Which of a stage's inputs changed, in words, from the key's parts its record holds and the current ones."""
     if not old:
         return ["its inputs changed (its record predates per-input hashes)"]
@@ -91,6 +95,10 @@ def input_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
     for name in sorted(k for k in set(old) | set(new) if not k.startswith("code:") and old.get(k) != new.get(k)):
         if name == "current_content":
             why.append("the weights a source's URI names changed")
+        elif name == "params" and task:
+            why.append(f"params changed (params.yaml: {task})")
+        elif name in PARAM_ARGS:
+            why.append(f"params changed (params.yaml: {PARAM_ARGS[name]})")
         else:
             why.append(f"input {name!r} changed")
     return why or ["its key changed"]
@@ -109,7 +117,7 @@ def stage_status(call: Call) -> StageStatus:
     except ValueError as err:
         return StageStatus(call.stage, "stale", [str(err)])
     if record.key != call.key:
-        return StageStatus(call.stage, "stale", input_changes(record.inputs, call.inputs()))
+        return StageStatus(call.stage, "stale", input_changes(record.inputs, call.inputs(), call.task))
     changed = _changed_outputs(record)
     return StageStatus(call.stage, "stale" if changed else "up to date", changed)
 

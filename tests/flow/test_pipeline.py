@@ -114,7 +114,7 @@ def test_status_names_a_changed_param_as_the_reason_for_the_stages_it_touches(pr
     stale = _stale(pipeline_status(parse_params(raw), Layout(project["root"])))
     runs = project["raw"]["train"]["runs"]
     assert stale == {
-        **{f"train@{r}": ("stale", ["input 'params' changed"]) for r in runs},
+        **{f"train@{r}": ("stale", ["params changed (params.yaml: train)"]) for r in runs},
         **{f"evaluate@{r}": ("waits", [f"on train@{r}"]) for r in runs},
     }
 

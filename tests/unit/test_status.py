@@ -11,10 +11,14 @@ from tests.tiny import REPO
 def test_input_changes_name_the_code_file_the_argument_and_the_weights_content() -> None:
     old = {"code:tasks/train.py": "a", "code:headstart/fit.py": "b", "params": "c", "current_content": "d"}
     new = {**old, "code:headstart/fit.py": "B", "params": "C", "current_content": "D"}
-    assert input_changes(old, new) == [
+    assert input_changes(old, new, "train") == [
         "code changed: headstart/fit.py",
         "the weights a source's URI names changed",
-        "input 'params' changed",
+        "params changed (params.yaml: train)",
+    ]
+    assert input_changes({"run": "a", "task_meta": "b"}, {"run": "A", "task_meta": "B"}, "train") == [
+        "params changed (params.yaml: train.runs)",
+        "input 'task_meta' changed",
     ]
     assert input_changes(old, {**old, "code:headstart/new.py": "e"}) == ["code changed: headstart/new.py"]
     assert input_changes({}, new) == ["its inputs changed (its record predates per-input hashes)"]
