@@ -9,5 +9,6 @@ BENCHMARKS = (
     "store_reads",
     "sklearn_baseline",
     "partial",
+    "streaming",
 )
 """Module names under bench/ in table order, each with `NAME` and `run(workspace) -> list[Row]`."""
