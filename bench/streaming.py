@@ -16,8 +16,6 @@ per-epoch metrics.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bench.memory import peak_rss_mb
+from bench.memory import json_process, peak_rss_mb
 from bench.timing import Goal, Row, Stat, log, repeat, stat, timed
 from headstart.config import HeadParams, OptimParams, StreamParams
 from headstart.extraction import provenance
@@ -44,7 +42,6 @@ CLASSES = 5
 WINDOW_MB = 32.0
 """Streaming's shuffle window here: far below either store, so both stream the same way."""
 PRE = Preprocess(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
-REPO = Path(__file__).resolve().parent.parent
 
 
 def prov() -> dict[str, Any]:
@@ -79,12 +76,7 @@ def write_store(root: Path, n: int) -> Path:
 
 
 def one_process(store: Path, n: int, mode: str, epochs: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.streaming", str(store), str(n), mode, str(WINDOW_MB), str(epochs)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.streaming exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json_process("bench.streaming", str(store), str(n), mode, str(WINDOW_MB), str(epochs))
 
 
 def run(ws: Workspace) -> list[Row]:
