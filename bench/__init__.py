@@ -12,5 +12,6 @@ BENCHMARKS = (
     "partial",
     "commands",
     "threads",
+    "streaming",
 )
 """Module names under bench/ in table order, each with `NAME` and `run(workspace) -> list[Row]`."""

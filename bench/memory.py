@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.timing import Goal, Row, Stat, repeat, stat
 from tests.tiny import REPO
@@ -40,13 +40,18 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_process(data_dir: Path, weights_record: SourceWeights, store_root: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "bench.memory", str(data_dir), weights_record.model_dump_json(), str(store_root)]
+def json_process(module: str, *args: str) -> dict[str, Any]:
+    """`python -m module args` in a process of its own (so its peak RSS is its own); the JSON of its last line."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", module, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench.memory exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{module} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_process(data_dir: Path, weights_record: SourceWeights, store_root: Path) -> dict[str, float]:
+    return json_process("bench.memory", str(data_dir), weights_record.model_dump_json(), str(store_root))
 
 
 def run(ws: Workspace) -> list[Row]:

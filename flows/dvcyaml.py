@@ -135,6 +135,7 @@ def pipeline(with_pretrain: bool = True, external: bool = False) -> dict[str, An
                 "train.device",
                 "train.class_weights",
                 "train.reject",
+                "train.stream",
                 f"train.runs.{RUN}",
                 f"sources.{RUN_SOURCE}",
             ],  # fmt: skip
@@ -190,6 +191,7 @@ def sweep_pipeline(external: bool = False) -> dict[str, Any]:
                             "train.partial",
                             "train.end_to_end",
                             "train.device",
+                            "train.stream",
                             f"sources.{src}",
                         ]
                     },

@@ -54,7 +54,7 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, with_upstream: bool =
         "weights_sha256": weights.sha256,
         "cut": cut,
         "data_fingerprint": task_meta.fingerprint,
-        "train": train.model_dump(mode="json", include={"head", "frozen", "partial", "end_to_end", "device"}),
+        "train": train.model_dump(mode="json", include={"head", "frozen", "partial", "end_to_end", "device", "stream"}),
     }
     grid = {"fractions": str(sorted(sw.fractions)), "strategies": str(sw.strategies), "seeds": str(sw.seeds)}
     records = []
@@ -75,6 +75,7 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, with_upstream: bool =
                     head=train.head,
                     optim=optim_of(strategy, train),
                     device=train.device,
+                    stream=train.stream,
                     weights=weights,
                     extract_record=extract_record if strategy in STORED else None,
                     task_meta=task_meta,

@@ -177,6 +177,22 @@ class HeadParams(_Section):
     init: HeadInit = "kaiming"
 
 
+class StreamParams(_Section):
+    """How a head reads stored activations: loaded whole, or streamed from the store a chunk at a time.
+
+    Both follow one batch order (headstart.order: shuffled chunks, rows shuffled within a window),
+    so the mode changes memory and speed, never a metric; the window is part of the order.
+    """
+
+    mode: Literal["auto", "always", "never"] = "auto"
+    """auto: stream a split whose activations exceed window_mb, load a smaller one; always: stream; never: load."""
+    window_mb: Annotated[float, Field(gt=0)] = 1024.0
+    """Rows shuffled together (their activations' MiB). A split that fits is one window: one permutation of it.
+    Streaming holds about two windows plus `read_ahead` chunks, whatever the store's size."""
+    read_ahead: Annotated[int, Field(ge=1)] = 4
+    """Chunks a background thread decodes ahead of training (speed only: the order does not depend on it)."""
+
+
 class RunParams(_Section):
     """One transfer experiment: which source, which strategy (docs/choosing-a-strategy.md)."""
 
@@ -211,6 +227,8 @@ class TrainParams(_Section):
     """auto: each class's loss term weighted by its inverse frequency in the training split (unbalanced folders)."""
     reject: Annotated[float, Field(gt=0.0, lt=0.5)] | None = None
     """Answer "none" below a calibrated confidence that rejects this share of the validation images; None: never."""
+    stream: StreamParams = StreamParams()
+    """How frozen and partial runs (and the sweep's cells) read the stored activations."""
 
     @field_validator("runs")
     @classmethod
@@ -223,6 +241,8 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     register_as: str = "fmnist-transfer"
+    stream: StreamParams = StreamParams()
+    """How a frozen run's stored test activations are read (predictions do not depend on it)."""
 
 
 class AdviseParams(_Section):
@@ -238,6 +258,8 @@ class AdviseParams(_Section):
     """The source is similar when its best probe removes at least this share of the untrained network's probe errors."""
     seed: int = 0
     device: Device = "auto"
+    stream: StreamParams = StreamParams()
+    """How the probes read the stored activations."""
 
 
 SweepStrategy = Literal["frozen", "partial", "finetune", "scratch"]

@@ -2,14 +2,17 @@
 
 Adam + cross-entropy, seeded shuffling, early stopping on validation loss, best epoch restored.
 Inputs are either float features or uint8 images with a `transform` (the preprocessing) applied
-per batch, so the same loop, and the same numbers for the same seed, serve every strategy.
+per batch, so the same loop, and the same numbers for the same seed, serve every strategy. They are
+an array in memory or any `Inputs` (stored activations streamed from the feature store,
+headstart.streaming): the loop asks them for its batches and never indexes rows itself.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,6 +27,54 @@ Array = np.ndarray | torch.Tensor
 Transform = Callable[[torch.Tensor], torch.Tensor]
 EpochCallback = Callable[[int, dict[str, float]], None]
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+class Inputs(Protocol):
+    """The rows a training loop reads, by batches: so rows need not be in memory to be trained on."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(rows, *one row's shape), as an array's."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(row indices, their inputs) per batch: every row once, in the order `generator` draws for this epoch."""
+        ...
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The inputs of rows 0, 1, ... `batch_size` at a time: what prediction reads."""
+        ...
+
+
+class ArrayInputs:
+    """Rows of an array in memory, shuffled as one permutation per epoch."""
+
+    def __init__(self, x: Array):
+        self.x = _tensor(x)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x), generator=generator)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            yield idx, self.x[idx]
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.x), batch_size):
+            yield self.x[i : i + batch_size]
+
+
+def as_inputs(x: Array | Inputs) -> Inputs:
+    """An array as `ArrayInputs`; anything else is taken to be `Inputs` already."""
+    return ArrayInputs(x) if isinstance(x, np.ndarray | torch.Tensor) else x
 
 
 @dataclass
@@ -61,8 +112,7 @@ def _labels(y: Array) -> torch.Tensor:
     return torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y, dtype=torch.long)
 
 
-def _batch(x: torch.Tensor, idx: torch.Tensor | slice, transform: Transform | None, device: torch.device):
-    xb = x[idx]
+def _prepared(xb: torch.Tensor, transform: Transform | None, device: torch.device) -> torch.Tensor:
     if transform is not None:
         xb = transform(xb)
     return xb.to(device, dtype=torch.float32)
@@ -79,19 +129,18 @@ def _train_mode(model: nn.Module) -> None:
 
 def predict_logits(
     model: nn.Module,
-    x: Array,
+    x: Array | Inputs,
     batch_size: int = 512,
     transform: Transform | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Logits for every row of `x` (eval mode, no gradients), on the CPU."""
     device = resolve_device(device) if isinstance(device, str) else device
-    x = _tensor(x)
     model.eval()
     out = []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(model(_batch(x, slice(i, i + batch_size), transform, device)).float().cpu())
+        for xb in as_inputs(x).in_order(batch_size):
+            out.append(model(_prepared(xb, transform, device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -111,8 +160,8 @@ def _evaluate(model, x, y, batch_size, transform, device, weight=None) -> tuple[
 
 def fit(
     model: nn.Module,
-    train: tuple[Array, Array],
-    val: tuple[Array, Array],
+    train: tuple[Array | Inputs, Array],
+    val: tuple[Array | Inputs, Array],
     optim: OptimParams,
     seed: int,
     device: str | torch.device = "cpu",
@@ -129,8 +178,8 @@ def fit(
     the shuffling and dropout, so the same inputs and seed give the same history on CPU.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    x_train, y_train = _tensor(train[0]), _labels(train[1])
-    x_val, y_val = _tensor(val[0]), _labels(val[1])
+    x_train, y_train = as_inputs(train[0]), _labels(train[1])
+    x_val, y_val = as_inputs(val[0]), _labels(val[1])
     if len(x_train) != len(y_train) or len(x_val) != len(y_val):
         raise ValueError(
             f"inputs and labels differ in length: train {len(x_train)} vs {len(y_train)}, "
@@ -156,11 +205,11 @@ def fit(
     for epoch in epochs:
         t0 = time.perf_counter()
         _train_mode(model)
-        order = torch.randperm(n, generator=generator)
         loss_sum, correct = 0.0, 0
-        for i in tqdm(range(0, n, optim.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
-            idx = order[i : i + optim.batch_size]
-            xb, yb = _batch(x_train, idx, transform, device), y_train[idx].to(device)
+        batches = x_train.shuffled(optim.batch_size, generator)
+        total = -(-n // optim.batch_size)
+        for idx, x in tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
+            xb, yb = _prepared(x, transform, device), y_train[idx].to(device)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, weight=weight)
             optimizer.zero_grad(set_to_none=True)

@@ -21,13 +21,15 @@ from torch import nn
 from headstart.backbones import CLASSIFIER, StagedNet, create_model, feature_shape, preprocess
 from headstart.config import STORED, Device, HeadParams, OptimParams, UpperInit
 from headstart.datasets import TaskData
-from headstart.fit import EpochCallback, FitResult, fit, predict_logits
+from headstart.fit import EpochCallback, FitResult, Inputs, fit, predict_logits
 from headstart.heads import make_head
 from headstart.images import Preprocess
 from headstart.threads import head_threads, torch_threads
 
-Features = tuple[np.ndarray, np.ndarray]
-"""Stored activations at one cut for the training and validation images."""
+Features = tuple[np.ndarray | Inputs, np.ndarray | Inputs]
+"""Stored activations at one cut for the training and validation images (in memory, or streamed from the store)."""
+Labelled = tuple[np.ndarray | Inputs, np.ndarray]
+"""Inputs (stored activations, in memory or streamed) and their labels."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ def body_dropout(body: nn.Module) -> float:
 
 
 def train_frozen_head(
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    train: Labelled,
+    val: Labelled,
     num_classes: int,
     recipe: Recipe,
     on_epoch: EpochCallback | None = None,
@@ -158,8 +160,8 @@ def above_cut(net: StagedNet, cut: str) -> StagedNet:
 def train_partial(
     net: StagedNet,
     cut: str,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    train: Labelled,
+    val: Labelled,
     recipe: Recipe,
     on_epoch: EpochCallback | None = None,
 ) -> FitResult:

@@ -28,13 +28,14 @@ from headstart.backbones import create_model
 from headstart.caching import cached, run_logger
 from headstart.config import AdviseParams, HeadParams, needs_features
 from headstart.datasets import TaskData, load_task
-from headstart.extraction import segment_features, stored_features
+from headstart.extraction import segment_features
 from headstart.files import atomic_write
-from headstart.fit import fit
+from headstart.fit import Inputs, fit
 from headstart.heads import make_head
 from headstart.images import Preprocess
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction
+from headstart.streaming import stored_rows
 from headstart.threads import head_threads, torch_threads
 
 PIXELS = "pixels"
@@ -54,7 +55,10 @@ def pixels(images: np.ndarray) -> np.ndarray:
 
 
 def probe(
-    train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], num_classes: int, params: AdviseParams
+    train: tuple[np.ndarray | Inputs, np.ndarray],
+    val: tuple[np.ndarray | Inputs, np.ndarray],
+    num_classes: int,
+    params: AdviseParams,
 ) -> dict[str, float]:
     """A seeded linear head trained on one input's rows; its best validation accuracy and loss (no timings:
     the advice file is the same bytes for the same inputs, so DVC does not see a change that is not there)."""
@@ -121,8 +125,8 @@ def recommend(
     }
 
 
-Pair = tuple[np.ndarray, np.ndarray]
-"""Activations of the probe's training subset and of the whole validation split."""
+Pair = tuple[np.ndarray | Inputs, np.ndarray | Inputs]
+"""Activations of the probe's training subset and of the whole validation split (stored ones may be streamed)."""
 
 
 def advise_target(
@@ -209,14 +213,12 @@ def probe_figure(advice: Mapping[str, Any], title: str) -> Figure:
 
 def probe_inputs(
     target: TaskData, extract_record: ExtractRecord, weights: SourceWeights, params: AdviseParams
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+) -> tuple[dict[str, Pair], dict[str, Pair]]:
     """Per stored cut, the probe's (training subset, validation) activations: pretrained (stored) and untrained."""
     images = target.train.images[probe_subset(target.train.labels, params.probe_per_class, params.seed)]
     taps = extract_record.taps
-    stored = {
-        t: (stored_features(extract_record, images, t), stored_features(extract_record, target.val.images, t))
-        for t in taps
-    }
+    splits = (images, target.val.images)
+    stored = {t: tuple(stored_rows(extract_record, x, t, params.stream) for x in splits) for t in taps}
     both = np.concatenate([images, target.val.images])
     fresh = untrained_features(weights.arch, both, weights.preprocess, taps, params.seed)
     return stored, {tap: (a[: len(images)], a[len(images) :]) for tap, a in fresh.items()}

@@ -19,14 +19,14 @@ from headstart.backbones import CLASSIFIER, StagedNet
 from headstart.caching import cached, run_logger
 from headstart.calibration import expected_calibration_error, reliability_figure, softmax
 from headstart.checkpoints import ModelSpec, load_model
-from headstart.config import EvaluateParams
+from headstart.config import EvaluateParams, StreamParams
 from headstart.datasets import Split, load_task
-from headstart.extraction import stored_features
 from headstart.files import atomic_write
 from headstart.fit import predict_logits
 from headstart.metrics import classification_report, confusion_figure, mistakes_figure
 from headstart.records import EvaluateRecord, ExtractRecord, Output, TaskMeta, TrainRecord, absolute
 from headstart.serving import image_logits
+from headstart.streaming import stored_rows
 
 
 def calibration_report(logits: torch.Tensor, labels: np.ndarray, spec: ModelSpec) -> dict[str, float]:
@@ -60,13 +60,15 @@ def mlflow_metrics(report: dict) -> dict[str, float]:
 
 
 def logits_on_test(
-    net: StagedNet, spec: ModelSpec, trained: str, images: np.ndarray, extract_record: ExtractRecord | None
-) -> torch.Tensor:
-    """The model's logits on the test images: a frozen run's head on the stored features, else the whole network."""
+    net: StagedNet, spec: ModelSpec, trained: str, images: np.ndarray, extract_record: ExtractRecord | None,
+    stream: StreamParams,
+) -> torch.Tensor:  # fmt: skip
+    """The model's logits on the test images: a frozen run's head on the stored features (read as `stream` says),
+    else the whole network."""
     if trained == "frozen":
         if extract_record is None:
             raise ValueError("a frozen run is scored on stored features and needs the extract record")
-        return predict_logits(net.stages[CLASSIFIER], stored_features(extract_record, images, spec.cut))
+        return predict_logits(net.stages[CLASSIFIER], stored_rows(extract_record, images, spec.cut, stream))
     net.eval()
     return image_logits(net, spec, images)
 
@@ -117,7 +119,7 @@ def evaluate(
     model_path = absolute(train_record.path)
     net, spec = load_model(model_path, train_record.sha256)
     test = load_task(Path(data_dir), "target").test
-    logits = logits_on_test(net, spec, train_record.trained, test.images, extract_record)
+    logits = logits_on_test(net, spec, train_record.trained, test.images, extract_record, params.stream)
     report = classification_report(test.labels, logits.argmax(1).numpy(), spec.class_names)
     report |= calibration_report(logits, test.labels, spec)
     written = write_reports(Path(reports_dir) / run_name, run_name, report, logits, test, spec)

@@ -23,9 +23,9 @@ from torch.nn import functional as F
 from headstart import tracking
 from headstart.backbones import StagedNet, preprocess
 from headstart.caching import cached, run_logger
-from headstart.config import BEST_CUT, STORED, Device, HeadParams, OptimParams, SweepStrategy, UpperInit
+from headstart.config import BEST_CUT, STORED, Device, HeadParams, OptimParams, StreamParams, SweepStrategy, UpperInit
 from headstart.datasets import Split, TaskData, load_task
-from headstart.extraction import source_network, stored_features
+from headstart.extraction import source_network
 from headstart.files import atomic_write
 from headstart.fit import EpochCallback, FitResult, predict_logits, resolve_device
 from headstart.images import Preprocess
@@ -33,6 +33,7 @@ from headstart.metrics import accuracy
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta
 from headstart.splits import nested_fraction
 from headstart.strategies import (
+    Labelled,
     Recipe,
     end_to_end_net,
     partial_net,
@@ -40,9 +41,8 @@ from headstart.strategies import (
     train_frozen_head,
     train_partial,
 )
+from headstart.streaming import stored_rows
 
-Pair = tuple[np.ndarray, np.ndarray]
-"""Inputs (stored activations) and labels of one split."""
 UPPER_INIT: UpperInit = "pretrained"
 """Partial cells start the layers above the cut from the source's weights: the transfer the sweep measures."""
 
@@ -104,9 +104,9 @@ def image_scores(net: StagedNet, test: Split, pre: Preprocess, device: Device) -
 
 
 def frozen_cell(
-    train: Pair,
-    val: Pair,
-    test: Pair,
+    train: Labelled,
+    val: Labelled,
+    test: Labelled,
     num_classes: int,
     recipe: Recipe,
     on_epoch: EpochCallback | None = None,
@@ -120,8 +120,8 @@ def partial_cell(
     source_net: StagedNet,
     arch: str,
     cut: str,
-    train: Pair,
-    val: Pair,
+    train: Labelled,
+    val: Labelled,
     target: TaskData,
     pre: Preprocess,
     recipe: Recipe,
@@ -162,17 +162,20 @@ def cell_params(strategy: str, fraction: float, seed: int, cut: str | None, trai
 
 def train_cell(
     name: str, strategy: str, cut: str | None, weights: SourceWeights, extract_record: ExtractRecord | None,
-    target: TaskData, recipe: Recipe,
+    target: TaskData, recipe: Recipe, stream: StreamParams,
 ) -> tuple[FitResult, dict[str, float]]:  # fmt: skip
-    """Train one cell's network (frozen and partial on the stored activations at `cut`) and score it on test."""
+    """Train one cell's network (frozen and partial on the stored activations at `cut`, read as `stream` says)
+    and score it on test."""
     pre, arch = weights.preprocess, weights.arch
     if strategy not in STORED:
         return end_to_end_cell(source_network(weights), arch, strategy, target, pre, recipe, tracking.log_epoch)
     if extract_record is None:
         raise ValueError(f"sweep cell {name!r} trains on stored activations: it needs the extract record")
-    train_xy, val_xy = ((stored_features(extract_record, s.images, cut), s.labels) for s in (target.train, target.val))
+    train_xy, val_xy = (
+        (stored_rows(extract_record, s.images, cut, stream), s.labels) for s in (target.train, target.val)
+    )
     if strategy == "frozen":
-        test_xy = (stored_features(extract_record, target.test.images, cut), target.test.labels)
+        test_xy = (stored_rows(extract_record, target.test.images, cut, stream), target.test.labels)
         return frozen_cell(train_xy, val_xy, test_xy, target.num_classes, recipe, tracking.log_epoch)
     return partial_cell(source_network(weights), arch, cut, train_xy, val_xy, target, pre, recipe, tracking.log_epoch)
 
@@ -191,6 +194,7 @@ def sweep(
     task_meta: TaskMeta,
     data_dir: Path,
     out_dir: Path,
+    stream: StreamParams,
 ) -> dict:
     """Train and score one cell as a child of the active (parent) MLflow run; write `out_dir/<cell>.json`.
 
@@ -219,7 +223,7 @@ def sweep(
         mlflow.log_params(tracking.flatten(cell_params(strategy, fraction, seed, cut, len(target.train), head, optim,
                                                        weights)))  # fmt: skip
         result, scores = train_cell(
-            name, strategy, cut, weights, extract_record, target, Recipe(head, optim, seed, device)
+            name, strategy, cut, weights, extract_record, target, Recipe(head, optim, seed, device), stream
         )
         mlflow.set_tags(tags)
         summary = cell_summary(result, scores)

@@ -20,7 +20,7 @@ from headstart.calibration import fit_temperature, rejection_threshold, softmax
 from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import AUTO_CUT, STORED, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import TaskData, load_task
-from headstart.extraction import source_network, stored_features
+from headstart.extraction import source_network
 from headstart.files import atomic_write
 from headstart.fit import FitResult, inverse_frequency
 from headstart.metrics import curves_figure
@@ -37,6 +37,7 @@ from headstart.strategies import (
     train_strategy,
     val_logits,
 )
+from headstart.streaming import stored_rows
 
 
 def optim_of(strategy: str, params: TrainParams) -> OptimParams:
@@ -71,6 +72,7 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
         "seed": params.seed,
         "device": params.device,
         "class_weights": params.class_weights,
+        "stream": params.stream.model_dump(mode="json"),
     }
 
 
@@ -149,14 +151,17 @@ def train_tags(run: RunParams, strategy: str, cut: str, target: TaskData, weight
 
 
 def stored_inputs(
-    run_name: str, strategy: str, extract_record: ExtractRecord | None, target: TaskData, cut: str
+    run_name: str, strategy: str, extract_record: ExtractRecord | None, target: TaskData, cut: str, params: TrainParams
 ) -> Features | None:
-    """The stored activations at `cut` of the training and validation images, for the strategies that train on them."""
+    """The stored activations at `cut` of the training and validation images, for the strategies that train on them.
+
+    Each split is loaded or streamed from the store as `train.stream` says (the same metrics either way).
+    """
     if strategy not in STORED:
         return None
     if extract_record is None:
         raise ValueError(f"run {run_name!r} is {strategy}: it needs the extract stage's record, got None")
-    return tuple(stored_features(extract_record, s.images, cut) for s in (target.train, target.val))
+    return tuple(stored_rows(extract_record, s.images, cut, params.stream) for s in (target.train, target.val))
 
 
 def class_weights_of(params: TrainParams, target: TaskData) -> tuple[float, ...] | None:
@@ -244,7 +249,7 @@ def train(
     target = load_task(Path(data_dir), "target")
     strategy, cut, upper_init = choice(run, source, advice_record)
     cut = weights.cut if cut == AUTO_CUT else cut  # the weights stage resolved `auto`
-    features = stored_inputs(run_name, strategy, extract_record, target, cut)
+    features = stored_inputs(run_name, strategy, extract_record, target, cut, params)
     class_weights = class_weights_of(params, target)
     log.info("%s: %s from %s at %s on %d images; class weights %s", run_name, strategy, run.source, cut,
              len(target.train), class_weights)  # fmt: skip

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
 from headstart import metrics, tracking
 from headstart.checkpoints import load_model
-from headstart.config import EvaluateParams
+from headstart.config import EvaluateParams, StreamParams
 from headstart.datasets import load_task
 from headstart.extraction import provenance
 from headstart.records import EvaluateRecord, Output, TrainRecord, absolute
@@ -176,8 +177,11 @@ def test_frozen_scores_on_stored_features_equal_the_whole_network_on_images(setu
     extract_record = setup.extract_record
     prov = provenance(trained.weights_sha256, spec.arch, spec.cut, spec.preprocess)
     assert extract_record.provenance_for(spec.cut) == prov  # the store read is the one these weights wrote
-    from_store = logits_on_test(net, spec, "frozen", test.images, extract_record).argmax(1).numpy()
-    from_images = logits_on_test(net, spec, "finetune", test.images, None).argmax(1).numpy()  # the whole network
+    loaded = logits_on_test(net, spec, "frozen", test.images, extract_record, StreamParams(mode="never"))
+    streamed = StreamParams(mode="always", window_mb=0.05, read_ahead=1)  # a few rows at a time
+    assert torch.equal(logits_on_test(net, spec, "frozen", test.images, extract_record, streamed), loaded)
+    from_store = loaded.argmax(1).numpy()
+    from_images = logits_on_test(net, spec, "finetune", test.images, None, EvaluateParams().stream).argmax(1).numpy()
     assert (from_store == from_images).all()
     assert metrics.accuracy(test.labels, from_images) == record.test_accuracy
 

@@ -89,6 +89,7 @@ def run_cell(setup: Setup, strategy: str, fraction: float, out_dir: Path, seed: 
         "task_meta": setup.task_meta,
         "data_dir": setup.data_dir,
         "out_dir": out_dir,
+        "stream": setup.params.stream,
     }
     return sweep.fn(**(arguments | overrides))
 
