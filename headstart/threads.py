@@ -59,11 +59,14 @@ def idle_cores(sample_s: float = 0.1) -> float | None:
     return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
 
 
-def head_threads(cores: int | None = None, idle: float | None = None) -> int:
-    """Threads for training a head on stored features: the available cores that are idle now, at least one."""
-    cores = available_cores() if cores is None else cores
-    idle = idle_cores() if idle is None else idle
+def threads_for(cores: int, idle: float | None) -> int:
+    """The idle cores of those available, at least one; every available core when idleness is unknown."""
     return cores if idle is None else max(1, min(cores, round(idle)))
+
+
+def head_threads() -> int:
+    """Threads for training a head on stored features: the available cores that are idle now."""
+    return threads_for(available_cores(), idle_cores())
 
 
 @contextmanager

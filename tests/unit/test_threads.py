@@ -11,7 +11,7 @@ import torch
 from headstart.config import HeadParams, OptimParams
 from headstart.fit import fit
 from headstart.heads import make_head
-from headstart.threads import available_cores, cgroup_quota, head_threads, torch_threads
+from headstart.threads import available_cores, cgroup_quota, head_threads, threads_for, torch_threads
 
 
 def test_the_cgroup_quota_caps_the_cores(tmp_path: Path) -> None:
@@ -28,10 +28,11 @@ def test_the_cgroup_quota_caps_the_cores(tmp_path: Path) -> None:
 
 
 def test_a_head_trains_on_the_idle_cores_at_least_one() -> None:
-    assert head_threads(cores=2, idle=0.3) == 1  # another process holds a core: one thread, not two waiting
-    assert head_threads(cores=2, idle=1.8) == 2
-    assert head_threads(cores=4, idle=16.0) == 4  # never more than this process may use
-    assert head_threads(cores=2, idle=None) == 2  # nothing to measure with: every available core
+    assert threads_for(2, 0.3) == 1  # another process holds a core: one thread, not two waiting
+    assert threads_for(2, 1.8) == 2
+    assert threads_for(4, 16.0) == 4  # never more than this process may use
+    assert threads_for(2, None) == 2  # nothing to measure with: every available core
+    assert 1 <= head_threads() <= available_cores()
 
 
 @pytest.mark.parametrize("hidden", [[], [32]])
