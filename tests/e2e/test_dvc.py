@@ -39,7 +39,7 @@ def ran(proc) -> set[str]:
 def computed(proc) -> set[str]:
     """The stages `headstart run` computed: every stage task that did not report its record up to date."""
     text = proc.stdout + proc.stderr
-    current = set(re.findall(r"(\w+): up to date \(", text))
+    current = set(re.findall(r"(\w+)(?:@[\w-]+)?: up to date \(", text))  # `data`, `extract@fmnist`
     started = set(re.findall(r"Task run '(\w+)(?:-[\w-]+)?' - ", text))  # `data`, `train-fmnist-frozen`
     return (started & set(STAGE_TASKS)) - current
 

@@ -61,7 +61,7 @@ def up_to_date(client: SyncPrefectClient, flow_run_id: Any, expected: set[str], 
     log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
     while True:
         found = {
-            log.message.split(":", 1)[0]
+            log.message.split(":", 1)[0].split("@")[0]
             for log in client.read_logs(log_filter=log_filter)
             if "up to date (" in log.message
         }
