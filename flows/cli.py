@@ -119,11 +119,12 @@ def run(
     from flows.status import pipeline_status
     from flows.summary import summary_markdown, summary_rows
 
+    lay = Layout(ROOT)
     with _one_line_errors():
-        if not flow and all(s.state == "up to date" for s in pipeline_status(params, Layout(ROOT))):
+        if not flow and all(s.state == "up to date" for s in pipeline_status(params, lay)):
             # the flow would compute nothing: answer from the records, without starting a Prefect server
             typer.echo("every stage is up to date: nothing to run (--flow records a Prefect run anyway)")
-            result = summary_rows(pipeline_records(params, Layout(ROOT)), params)
+            result = summary_rows(pipeline_records(params, lay), params)
         else:
             from flows.pipeline import transfer
 

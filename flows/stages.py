@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,11 +120,13 @@ class Call:
     kind: type[StageRecord]
     kwargs: dict[str, Any]
 
-    @property
+    @cached_property
     def key(self) -> str:
         return stage_key(self.task, self.kwargs)
 
+    @cached_property
     def inputs(self) -> dict[str, str]:
+        """Computed once: the weights stage's part hashes the files its URIs name."""
         return stage_inputs(self.task, self.kwargs)
 
     def load(self) -> Any:
@@ -139,7 +142,7 @@ def run_call(runner: Runner, call: Call, task: Any = None) -> StageRecord:
         return found
     result = runner(task or call.load(), **call.kwargs)
     record = call.kind.model_validate(result.model_dump() if isinstance(result, Record) else result)
-    record = record.model_copy(update={"key": key, "inputs": call.inputs()})
+    record = record.model_copy(update={"key": key, "inputs": call.inputs})
     record.write(call.record)
     return record
 

@@ -117,7 +117,7 @@ def stage_status(call: Call) -> StageStatus:
     except ValueError as err:
         return StageStatus(call.stage, "stale", [str(err)])
     if record.key != call.key:
-        return StageStatus(call.stage, "stale", input_changes(record.inputs, call.inputs(), call.task))
+        return StageStatus(call.stage, "stale", input_changes(record.inputs, call.inputs, call.task))
     changed = _changed_outputs(record)
     return StageStatus(call.stage, "stale" if changed else "up to date", changed)
 

@@ -40,22 +40,23 @@ def _relative(value: Any) -> Any:
     return value
 
 
-def stage_key(task_name: str, parameters: dict[str, Any], module: str | None = None) -> str:
-    """The key of one call: task name + the code version of `module` (default tasks/<name>.py) + inputs."""
+def _key_inputs(task_name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments plus what they only name, project paths made relative: what a key hashes."""
     content = CONTENT.get(task_name)
     extra = {"current_content": content(parameters)} if content is not None else {}
-    inputs = canonical_json(_relative({**parameters, **extra}))
+    return _relative({**parameters, **extra})
+
+
+def stage_key(task_name: str, parameters: dict[str, Any], module: str | None = None) -> str:
+    """The key of one call: task name + the code version of `module` (default tasks/<name>.py) + inputs."""
+    inputs = canonical_json(_key_inputs(task_name, parameters))
     return combine(task_name, code_version(module or f"tasks/{task_name}.py"), sha256_bytes(inputs.encode()))
 
 
-def stage_inputs(task_name: str, parameters: dict[str, Any], module: str | None = None) -> dict[str, str]:
+def stage_inputs(task_name: str, parameters: dict[str, Any]) -> dict[str, str]:
     """The key's parts, one short hash each (the code per file): what `headstart status` compares to say why."""
-    content = CONTENT.get(task_name)
-    extra = {"current_content": content(parameters)} if content is not None else {}
-    parts = {
-        f"code:{path}": digest for path, digest in file_digests(stage_code(module or f"tasks/{task_name}.py")).items()
-    }
-    for name, value in _relative({**parameters, **extra}).items():
+    parts = {f"code:{path}": digest for path, digest in file_digests(stage_code(f"tasks/{task_name}.py")).items()}
+    for name, value in _key_inputs(task_name, parameters).items():
         parts[name] = sha256_bytes(canonical_json(value).encode())[:16]
     return parts
 

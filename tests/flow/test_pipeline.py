@@ -102,7 +102,7 @@ def test_status_after_a_run_is_up_to_date_and_every_call_binds_its_task(project:
         call = build()
         # every argument bound: the key status computes without the task is the key Prefect's cache uses
         assert call.stage == stage and bound_arguments(call.load().fn, call.kwargs) == call.kwargs, stage
-        assert call.kind.read(call.record).inputs == call.inputs(), stage
+        assert call.kind.read(call.record).inputs == call.inputs, stage
 
 
 def _stale(statuses: list[StageStatus]) -> dict[str, tuple[str, list[str]]]:
