@@ -6,6 +6,6 @@ pickle; `HeadstartModel.load_context` then reads the weights (safetensors, sha25
 
 import mlflow.models
 
-from headstart.serving import HeadstartModel
+from headstart.mlflow_model import HeadstartModel
 
 mlflow.models.set_model(HeadstartModel())

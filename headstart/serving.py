@@ -1,9 +1,9 @@
-"""The registered model answering requests: raw or encoded images, or stored features, in; class and probability out.
+"""How a trained model answers: raw or encoded images, or stored features, in; class and probability out.
 
-MLflow loads it "from code" (headstart/served_model.py names `HeadstartModel`): nothing is
-unpickled. `load_context` rebuilds the network from the logged weights (safetensors, full
-sha256 verified) and the `ModelSpec` inside them, so every request is preprocessed exactly as
-in training (headstart.images decodes files as the training data was). Accepted inputs
+`headstart predict`, `headstart export` and the registered MLflow model
+(headstart.mlflow_model) all answer through these functions, so every request is preprocessed
+exactly as in training (headstart.images decodes files as the training data was). MLflow is not
+imported here: `headstart predict` would pay a second for it. Accepted inputs
 (docs/operations.md): uint8 images (N,H,W) or (N,H,W,3); base64
 PNG/JPEG strings (a list, or a DataFrame column `image`); `{"features": ...}` (activations at
 the model's cut, answered by its head alone).
@@ -13,41 +13,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Sequence
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import torch
 
 from headstart.backbones import CLASSIFIER, StagedNet, feature_shape, preprocess
-from headstart.checkpoints import ModelSpec, load_model
+from headstart.checkpoints import ModelSpec
 from headstart.fit import predict_logits
 from headstart.images import Decode, decode_image
 
 IMAGE_COLUMN = "image"
 FEATURES_KEY = "features"
 IMAGES_KEY = "images"
-
-
-class HeadstartModel(mlflow.pyfunc.PythonModel):
-    _skip_type_hint_validation = True
-    """Requests take several forms (above): no type hints, and MLflow is told not to ask for them."""
-
-    def load_context(self, context: Any) -> None:
-        manifest = json.loads(open(context.artifacts["manifest"]).read())
-        self.net, self.spec = load_model(context.artifacts["weights"], manifest["sha256"])
-        self.net.eval()
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
-        from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
-
-        try:
-            probs = answer(self.net, self.spec, model_input)
-        except ValueError as err:
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
-        return table(self.spec, probs)
 
 
 def answer(net: StagedNet, spec: ModelSpec, request: Any) -> np.ndarray:
@@ -160,3 +139,12 @@ def image_logits(net: torch.nn.Module, spec: ModelSpec, images: np.ndarray, batc
 def predict_proba(net: torch.nn.Module, spec: ModelSpec, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Calibrated class probabilities for uint8 images: softmax of the logits over the model's temperature."""
     return torch.softmax(image_logits(net, spec, images, batch) / spec.temperature, dim=1).numpy()
+
+
+def __getattr__(name: str) -> Any:
+    """Models registered before headstart.mlflow_model existed load `headstart.serving.HeadstartModel`."""
+    if name == "HeadstartModel":
+        from headstart.mlflow_model import HeadstartModel
+
+        return HeadstartModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

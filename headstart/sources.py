@@ -191,8 +191,6 @@ def _fetch_torchvision(parsed: WeightsURI, sha256: str | None, params: WeightsPa
 
 
 def _fetch_registry(parsed: WeightsURI, uri: str, sha256: str | None, cache_dir: Path) -> Fetched:
-    import mlflow
-
     version = registry_version(parsed, uri)
     expected = version.tags.get(WEIGHTS_SHA_TAG)
     if not expected:
@@ -203,6 +201,8 @@ def _fetch_registry(parsed: WeightsURI, uri: str, sha256: str | None, cache_dir:
     for cached in sorted(folder.glob("*.safetensors")):
         if sha256_file(cached) == expected:
             return _with_spec(cached, expected)
+    import mlflow  # only to download: a cached version is answered without importing it (2 s)
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".registry-") as tmp:
         root = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp))

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from headstart import registry_db
 from headstart.env import project_root
 from headstart.fingerprint import sha256_file
+from headstart.registry_db import RegistryVersion
 
 FORMS = (
     "a local path, https://<host>/<file> (with sha256), torchvision:<model>/<WEIGHTS_ENUM>, "
@@ -90,17 +92,24 @@ def content_pin(uri: str, sha256: str | None) -> str:
     return sha256 or uri  # a URL or a torchvision enum names fixed bytes
 
 
-def registry_version(parsed: WeightsURI, uri: str) -> Any:
+def registry_version(parsed: WeightsURI, uri: str) -> RegistryVersion:
+    """The version a registry URI names now, with its tags: from MLflow's sqlite file when it can answer
+    (headstart.registry_db: no MLflow import), else from MLflow, whose errors name what is missing."""
+    found = registry_db.lookup(parsed.target, parsed.member, parsed.version)
+    if found is not None:
+        return found
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
     try:
         if parsed.member is not None:
-            return client.get_model_version_by_alias(parsed.target, parsed.member)
-        return client.get_model_version(parsed.target, parsed.version)
+            version = client.get_model_version_by_alias(parsed.target, parsed.member)
+        else:
+            version = client.get_model_version(parsed.target, parsed.version)
     except mlflow.exceptions.MlflowException as err:
         raise LookupError(f"{uri}: not in the MLflow registry at {mlflow.get_tracking_uri()}: {err.message}") from None
+    return RegistryVersion(version.name, str(version.version), dict(version.tags))
 
 
 def weights_content(parameters: dict[str, Any]) -> dict[str, str]:

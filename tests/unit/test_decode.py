@@ -19,7 +19,8 @@ from headstart.checkpoints import ModelSpec, save_model
 from headstart.config import DataParams
 from headstart.datasets import load_task
 from headstart.images import Decode, Preprocess, decode_image
-from headstart.serving import HeadstartModel, predict_proba
+from headstart.mlflow_model import HeadstartModel
+from headstart.serving import predict_proba
 from tasks.data import data, read_image_folder
 from tasks.raw import raw
 from tests.tiny import write_tiny_fmnist

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torchvision
 
+from headstart import registry_db
 from headstart import sources as sources_mod
 from headstart.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedNet, create_model
 from headstart.checkpoints import CheckpointError, ModelSpec, save_model
@@ -26,7 +28,7 @@ from headstart.fingerprint import ChecksumError, sha256_bytes, sha256_file
 from headstart.images import Preprocess
 from headstart.records import SourceWeights, WeightsRecord
 from headstart.sources import fetch, load_source, torchvision_weights
-from headstart.uris import content_pin, parse_uri
+from headstart.uris import WEIGHTS_SHA_TAG, content_pin, parse_uri
 from tasks.weights import check_source, weights
 
 REAL_MOBILENET = Path(__file__).resolve().parents[2] / ".torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
@@ -462,3 +464,37 @@ def test_the_cache_key_follows_a_moved_alias(tmp_path: Path) -> None:
     _, sha2 = register("weights-test-moving", tmp_path, seed=5)  # a new champion: same URI, other weights
     assert content_pin("models:/weights-test-moving@champion", None).endswith(sha2) and sha1 != sha2
     assert weights.cache_key_fn(None, call) != first
+
+
+def client_answer(name: str, alias: str | None, version: str | None) -> tuple[str, str, str | None]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    return found.name, str(found.version), found.tags.get(WEIGHTS_SHA_TAG)
+
+
+def db_answer(name: str, alias: str | None, version: str | None) -> tuple[str, str, str | None] | None:
+    found = registry_db.lookup(name, alias, version)
+    return None if found is None else (found.name, found.version, found.tags.get(WEIGHTS_SHA_TAG))
+
+
+def test_the_sqlite_registry_read_agrees_with_mlflow_and_defers_to_it_otherwise(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    register("weights-test-db", tmp_path, seed=6)
+    register("weights-test-db", tmp_path, seed=7)  # version 2
+    client = MlflowClient()
+    client.set_registered_model_alias("weights-test-db", "champion", "2")
+    for alias, version in [("champion", None), (None, "1"), (None, "2")]:
+        assert db_answer("weights-test-db", alias, version) == client_answer("weights-test-db", alias, version)
+    client.set_registered_model_alias("weights-test-db", "champion", "1")  # the alias moved: read again
+    assert db_answer("weights-test-db", "champion", None) == client_answer("weights-test-db", "champion", None)
+    client.delete_model_version("weights-test-db", "2")  # deleted: MLflow keeps the row, the read must not
+    assert db_answer("weights-test-db", None, "2") is None
+    assert db_answer("weights-test-db", "nope", None) is None  # MLflow gives the error for a missing alias
+    assert db_answer("weights-test-db", "latest", None) is None  # MLflow's special alias
+    not_mlflow = tmp_path / "other.db"
+    sqlite3.connect(not_mlflow).execute("CREATE TABLE t (x)").connection.commit()
+    assert registry_db.lookup("weights-test-db", "champion", None, f"sqlite:///{not_mlflow}") is None
+    assert registry_db.lookup("weights-test-db", "champion", None, "http://127.0.0.1:5000") is None
