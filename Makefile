@@ -43,8 +43,11 @@ dvc-setup: $(VENV)/.installed
 run: install
 	$(BIN)/headstart run
 
+# The suite on TEST_WORKERS processes (pytest-xdist), one test file per worker at a time: the e2e
+# files spend most of their time starting processes, so two workers on two cores nearly halve it.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The unit tier alone (pure functions, the contract and layer checks): what to run after every edit.
 check: install

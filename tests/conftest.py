@@ -14,6 +14,10 @@ _ROOT = Path(tempfile.mkdtemp(prefix="headstart-tests-"))
 for key in ("HEADSTART_ROOT", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "TORCH_HOME", "DVC_SITE_CACHE_DIR"):
     os.environ.pop(key, None)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # workers share the cores: one torch thread each, or their threads wait on each other (headstart/threads.py)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from headstart.env import configure_environment  # noqa: E402
 
 configure_environment(_ROOT)
