@@ -4,7 +4,8 @@ A synthetic store of `block2`-shaped activations (64x7x7 = 3136 floats a row, po
 five classes) is written through `FeatureStore.extend` at N and 10N rows. Each training runs in a
 process of its own, so one run's peak resident set does not hide another's: streamed at N and
 10N (peak RSS ratio; one epoch at 10N, which already visits every window), loaded whole at N
-(throughput, and the metrics, which must be equal).
+(throughput, and the metrics, which must be equal), and both again at N from stores written
+with `extract.codec` lz4 and none (what the throughput pays for decompression).
 
 Run as `python -m bench.streaming STORE ROWS MODE WINDOW_MB EPOCHS` it is one such process: it trains
 a linear head on the store's first 90% rows (validated on the rest) and prints its peak RSS before
@@ -36,6 +37,8 @@ if TYPE_CHECKING:  # the measured process imports no more than training needs
 NAME = "streaming"
 MEMORY_GOAL = Goal("<=", 1.2)
 SPEED_GOAL = Goal(">=", 0.8)
+OTHER_CODECS = ("lz4", "none")
+"""`extract.codec` values measured beside the default (zstd-1): what streaming's throughput pays for compression."""
 SHAPE = (64, 7, 7)
 """The source CNN's `block2`: the activations the issue sizes (a million rows are 12.5 GB)."""
 CLASSES = 5
@@ -67,10 +70,10 @@ def features(rows: np.ndarray) -> np.ndarray:
     return np.maximum(centres[label_of(rows)] + noise, 0)
 
 
-def write_store(root: Path, n: int) -> Path:
+def write_store(root: Path, n: int, codec: str = "zstd-1") -> Path:
     """A complete store of n synthetic rows, one chunk segment at a time (the extract stage's chunk size)."""
     chunk_rows = rows_per_chunk(SHAPE, 4.0, 250)
-    store = FeatureStore.open_or_create(store_path(root, prov()), prov(), SHAPE, chunk_rows)
+    store = FeatureStore.open_or_create(store_path(root, prov()), prov(), SHAPE, chunk_rows, codec)
     store.extend(keys(n), features)
     return store.path
 
@@ -85,13 +88,19 @@ def run(ws: Workspace) -> list[Row]:
     for size in (n, 10 * n):
         stores[size], seconds = timed(lambda size=size: write_store(ws.fresh_dir(f"streaming-{size}"), size))
         log(f"{NAME}: wrote {size} rows of {SHAPE} in {seconds:.1f} s")
+    by_codec = {codec: write_store(ws.fresh_dir(f"streaming-{codec}"), n, codec) for codec in OTHER_CODECS}
 
     def once(rep: int) -> dict[str, Any]:
         small = one_process(stores[n], n, "always", epochs)
         large = one_process(stores[10 * n], 10 * n, "always", 1)  # an epoch visits every window: the peak is in it
         loaded = one_process(stores[n], n, "never", epochs)
         rows = int(0.9 * n) * epochs
-        return {
+        codecs = {}
+        for codec, store in by_codec.items():
+            streamed, whole = (one_process(store, n, mode, epochs)["seconds"] for mode in ("always", "never"))
+            codecs |= {f"{codec}_rate": rows / streamed, f"{codec}_loaded_rate": rows / whole}
+            codecs[codec] = whole / streamed
+        return codecs | {
             "small": small["peak_mb"], "large": large["peak_mb"], "loaded_mb": loaded["peak_mb"],
             "before": small["before_mb"], "memory": large["peak_mb"] / small["peak_mb"],
             "streamed_rate": rows / small["seconds"], "loaded_rate": rows / loaded["seconds"],
@@ -100,7 +109,7 @@ def run(ws: Workspace) -> list[Row]:
         }  # fmt: skip
 
     samples = repeat(once, ws.process_repeats, NAME)
-    for store in stores.values():
+    for store in [*stores.values(), *by_codec.values()]:
         ws.drop(store.parent)
     same = "yes" if all(s["same"] for s in samples) else "NO"
     what = f"linear head on {SHAPE} rows, {epochs} epochs ({10 * n}: 1), window {WINDOW_MB:g} MiB"
@@ -127,6 +136,18 @@ def run(ws: Workspace) -> list[Row]:
             ],
             Stat(tuple(s["speed"] for s in samples)),
             SPEED_GOAL,
+        ),
+        *(
+            Row(
+                f"11c. streaming: throughput streamed vs loaded whole, {n} rows, a store written with codec {codec}",
+                [
+                    ("streamed", stat(samples, f"{codec}_rate", "rows/s")),
+                    ("loaded whole (read included)", stat(samples, f"{codec}_loaded_rate", "rows/s")),
+                ],
+                Stat(tuple(s[codec] for s in samples)),
+                SPEED_GOAL,
+            )
+            for codec in OTHER_CODECS
         ),
     ]
 

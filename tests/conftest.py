@@ -31,3 +31,21 @@ REPO = Path(__file__).resolve().parent.parent
 def project_root() -> Path:
     """The session's project root (all project-local state lives here)."""
     return _ROOT
+
+
+LONGEST_FIRST = (
+    "tests/e2e/test_dvc.py",
+    "tests/e2e/test_own_images.py",
+    "tests/e2e/test_sweep_cli.py",
+    "tests/e2e/test_cli_fmnist.py",
+    "tests/ops/test_schedule.py",
+    "tests/ops/test_dask_extract.py",
+    "tests/flow/test_pipeline.py",
+)
+"""The files that take minutes (measured: `pytest --durations`), started first so that the workers of
+`make test` (one file each at a time) finish together instead of one waiting on the last long file."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.path).relative_to(REPO).as_posix(), len(rank)))
