@@ -8,6 +8,7 @@ sha256 verified) and the `ModelSpec` inside them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -21,7 +22,7 @@ class HeadstartModel(mlflow.pyfunc.PythonModel):
     """Requests take several forms (above): no type hints, and MLflow is told not to ask for them."""
 
     def load_context(self, context: Any) -> None:
-        manifest = json.loads(open(context.artifacts["manifest"]).read())
+        manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
         self.net, self.spec = load_model(context.artifacts["weights"], manifest["sha256"])
         self.net.eval()
 

@@ -30,21 +30,20 @@ class RegistryVersion:
     tags: dict[str, str]
 
 
-def sqlite_file(tracking_uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI, or None for any other backend."""
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file a `sqlite:///` tracking URI names (it may not exist yet), or None for any other backend."""
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return None
-    path = Path(tracking_uri[len(prefix) :].split("?", 1)[0])
-    return path if path.is_file() else None
+    return Path(tracking_uri[len(prefix) :].split("?", 1)[0])
 
 
 def lookup(
     name: str, alias: str | None, version: str | None, tracking_uri: str | None = None
 ) -> RegistryVersion | None:
     """`name@alias` or `name/version` with its tags, read without MLflow; None when MLflow must answer."""
-    path = sqlite_file(tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI", ""))
-    if path is None or (alias is not None and alias.lower() == "latest"):
+    path = sqlite_path(tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if path is None or not path.is_file() or (alias is not None and alias.lower() == "latest"):
         return None
     try:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
@@ -55,14 +54,15 @@ def lookup(
                 if row is None:
                     return None
                 version = str(row[0])
+            number = int(version)
             live = db.execute(
                 "SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND current_stage != ?",
-                (name, int(version), DELETED),
+                (name, number, DELETED),
             ).fetchone()
             if live is None:
                 return None
             tags = db.execute(
-                "SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?", (name, int(version))
+                "SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?", (name, number)
             ).fetchall()
     except sqlite3.Error:
         return None  # not MLflow's schema (or locked, or damaged): MLflow decides

@@ -26,6 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from headstart.caching import run_logger
 from headstart.env import project_root
 from headstart.records import TaskMeta
+from headstart.registry_db import sqlite_path
 from headstart.uris import WEIGHTS_SHA_TAG
 
 if TYPE_CHECKING:  # a type only: `headstart run`'s summary reads MLflow without loading torch
@@ -89,9 +90,9 @@ def ensure_store() -> None:
     fails (`table runs already exists`) and loses its training.
     """
     uri = mlflow.get_tracking_uri()
-    if uri in _READY or not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if uri in _READY or db is None:
         return
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from headstart import registry_db
 from headstart.env import project_root
 from headstart.fingerprint import sha256_file
-from headstart.registry_db import RegistryVersion
+from headstart.registry_db import RegistryVersion, lookup
 
 FORMS = (
     "a local path, https://<host>/<file> (with sha256), torchvision:<model>/<WEIGHTS_ENUM>, "
@@ -95,7 +94,7 @@ def content_pin(uri: str, sha256: str | None) -> str:
 def registry_version(parsed: WeightsURI, uri: str) -> RegistryVersion:
     """The version a registry URI names now, with its tags: from MLflow's sqlite file when it can answer
     (headstart.registry_db: no MLflow import), else from MLflow, whose errors name what is missing."""
-    found = registry_db.lookup(parsed.target, parsed.member, parsed.version)
+    found = lookup(parsed.target, parsed.member, parsed.version)
     if found is not None:
         return found
     import mlflow
