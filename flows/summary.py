@@ -113,12 +113,15 @@ def summary_markdown(result: dict[str, Any]) -> str:
 
 
 def _strategy_notes(runs: dict[str, Any]) -> list[str]:
-    """What auto chose, and every run that lost to its scratch baseline on validation (negative transfer)."""
+    """What auto chose, a grid's chosen head, and every run that lost to its scratch baseline on validation
+    (negative transfer)."""
     notes = []
     for name, run in runs.items():
         if run["strategy"] == "auto" and run.get("trained"):
             at = f" at {run['cut']}" if run.get("cut") else ""
             notes.append(f"{name}: auto trained {run['trained']}{at}.")
+        if run.get("grid_cell"):
+            notes.append(f"{name}: its grid of heads chose {run['grid_cell']} (every head: a child of its MLflow run).")
         if run.get("negative_transfer"):
             notes.append(
                 f"NEGATIVE TRANSFER: {name} ({run.get('chosen') or run['strategy']} from {run['source']}) scored "

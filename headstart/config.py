@@ -193,6 +193,33 @@ class StreamParams(_Section):
     """Chunks a background thread decodes ahead of training (speed only: the order does not depend on it)."""
 
 
+class GridParams(_Section):
+    """A frozen run's grid of heads: every learning rate x cut x head width (and a logistic regression per cut).
+
+    The heads of one cut train together, one read of its stored activations stepping them all; the
+    best on validation is the run's network. An axis left empty takes the run's own value, so `{}`
+    is the run's single head.
+    """
+
+    lrs: list[Annotated[float, Field(gt=0.0)]] = []
+    """Adam learning rates; empty: train.frozen.lr."""
+    cuts: list[str] = []
+    """Stored cuts of the run's source (its cut and taps); empty: the run's cut."""
+    hidden: list[list[Annotated[int, Field(ge=1)]]] = []
+    """Head widths, each a `train.head.hidden` ([] is linear); empty: train.head.hidden."""
+    logreg: bool = False
+    """Also a logistic regression per cut: a zero-initialised linear head on the flattened activations, L2 below."""
+    logreg_c: Annotated[float, Field(gt=0.0)] = 1.0
+    """Inverse L2 strength as scikit-learn's LogisticRegression(C): Adam weight decay 1 / (C x training rows)."""
+
+    @field_validator("lrs", "cuts", "hidden")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len({str(v) for v in values}) != len(values):
+            raise ValueError(f"must hold distinct values, got {values}")
+        return values
+
+
 class RunParams(_Section):
     """One transfer experiment: which source, which strategy (docs/choosing-a-strategy.md)."""
 
@@ -204,12 +231,23 @@ class RunParams(_Section):
     """partial: the source layers above the cut start from its weights, or are re-initialised at random."""
     baseline: bool = False
     """Also train scratch on the same data and flag negative transfer when it wins on validation (auto: always)."""
+    grid: GridParams | None = None
+    """frozen: train a grid of heads in one pass per cut and keep the best on validation; None: one head."""
 
     @model_validator(mode="after")
     def _cut_applies(self) -> RunParams:
         if self.cut is not None and self.strategy not in ("frozen", "partial"):
             raise ValueError(f"cut {self.cut!r} applies to frozen and partial runs, not {self.strategy}")
+        if self.grid is not None and self.strategy != "frozen":
+            raise ValueError(f"grid applies to frozen runs (heads on stored activations), not {self.strategy}")
+        if self.grid is not None and self.grid.cuts and self.cut is not None:
+            raise ValueError(f"set the cut once: cut {self.cut!r} or grid.cuts {self.grid.cuts}")
         return self
+
+    @property
+    def cuts(self) -> list[str | None]:
+        """The stored cuts the run reads (None: the source's cut)."""
+        return list(self.grid.cuts) if self.grid is not None and self.grid.cuts else [self.cut]
 
 
 class TrainParams(_Section):
@@ -331,11 +369,13 @@ class Params(_Section):
             if run.source not in self.sources:
                 raise ValueError(f"train.runs.{name}.source is {run.source!r}; expected one of {sorted(self.sources)}")
             stored = self.sources[run.source].stored_cuts
-            if run.cut is not None and run.cut not in stored:
-                raise ValueError(
-                    f"train.runs.{name}.cut is {run.cut!r}; source {run.source!r} stores {stored} "
-                    f"(add it to sources.{run.source}.taps)"
-                )
+            key = "grid.cuts" if run.grid is not None and run.grid.cuts else "cut"
+            for cut in run.cuts:
+                if cut is not None and cut not in stored:
+                    raise ValueError(
+                        f"train.runs.{name}.{key} holds {cut!r}; source {run.source!r} stores {stored} "
+                        f"(add it to sources.{run.source}.taps)"
+                    )
         return self
 
 

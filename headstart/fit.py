@@ -85,6 +85,8 @@ class FitResult:
     """The epoch whose weights the model holds after `fit` (lowest validation loss)."""
     seconds: float
     stopped_early: bool = False
+    diverged: bool = False
+    """Its validation loss stopped being finite (`fit_many(stop_diverged=True)`); the best finite epoch is kept."""
 
     @property
     def epochs(self) -> int:
@@ -136,12 +138,22 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits for every row of `x` (eval mode, no gradients), on the CPU."""
     device = resolve_device(device) if isinstance(device, str) else device
-    model.eval()
-    out = []
+    return _logits_of([model], as_inputs(x), batch_size, transform, device)[0]
+
+
+def _logits_of(
+    models: Sequence[nn.Module], x: Inputs, batch_size: int, transform: Transform | None, device: torch.device
+) -> list[torch.Tensor]:
+    """Each model's logits for every row of `x`, reading `x` once: every model sees the same batches."""
+    for model in models:
+        model.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in models]
     with torch.no_grad():
-        for xb in as_inputs(x).in_order(batch_size):
-            out.append(model(_prepared(xb, transform, device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        for xb in x.in_order(batch_size):
+            xb = _prepared(xb, transform, device)
+            for logits, model in zip(out, models, strict=True):
+                logits.append(model(xb).float().cpu())
+    return [torch.cat(o) if o else torch.zeros(0) for o in out]
 
 
 def inverse_frequency(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
@@ -152,10 +164,93 @@ def inverse_frequency(labels: np.ndarray, num_classes: int) -> tuple[float, ...]
     return tuple((counts.sum() / (num_classes * counts)).tolist())
 
 
-def _evaluate(model, x, y, batch_size, transform, device, weight=None) -> tuple[float, float]:
-    logits = predict_logits(model, x, batch_size, transform, device)
+def _scores(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> tuple[float, float]:
+    """(loss, accuracy) of logits against labels."""
     weight = weight.cpu() if weight is not None else None
     return F.cross_entropy(logits, y, weight=weight).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+"""torch's global random state on the CPU and, training on CUDA, on the device: what dropout draws from."""
+
+
+def _rng_state(device: torch.device) -> RngState:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: RngState, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class _Learner:
+    """One model's training in a shared loop: its Adam, its random stream, its early stopping and best epoch.
+
+    Each learner owns a copy of the global random state (seeded once for all), swapped in around its
+    own steps: its dropout draws are those it would make trained alone, whatever the other models draw.
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimParams, on_epoch: EpochCallback | None, device: torch.device):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+        self.model, self.optim, self.on_epoch, self.device = model.to(device), optim, on_epoch, device
+        self.optimizer = torch.optim.Adam(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.rng = _rng_state(device)
+        self.history: list[dict[str, float]] = []
+        self.best_loss, self.best_epoch, self.best_state = float("inf"), 0, {}
+        self.loss_sum, self.correct = 0.0, 0
+        self.active, self.diverged, self.seconds = True, False, 0.0
+
+    def start_epoch(self) -> None:
+        _train_mode(self.model)
+        self.loss_sum, self.correct = 0.0, 0
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, weight: torch.Tensor | None) -> None:
+        _set_rng_state(self.rng, self.device)
+        logits = self.model(xb)
+        loss = F.cross_entropy(logits, yb, weight=weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.rng = _rng_state(self.device)
+        self.loss_sum += loss.item() * len(yb)
+        self.correct += (logits.argmax(1) == yb).sum().item()
+
+    def end_epoch(self, epoch: int, n: int, val: tuple[float, float], times: tuple[float, float], stop_diverged: bool
+                  ) -> None:  # fmt: skip
+        """Record the epoch (`times`: its seconds, and the loop's so far), keep the best weights, and stop on
+        patience, after the last epoch or, if asked, on divergence."""
+        val_loss, val_acc = val
+        self.seconds = times[1]
+        if not np.isfinite(val_loss):
+            if not stop_diverged:
+                raise FloatingPointError(
+                    f"validation loss is {val_loss} at epoch {epoch}: training diverged (lower lr)"
+                )
+            self.active, self.diverged = False, True
+            return
+        row = {"epoch": epoch, "train_loss": self.loss_sum / n, "train_accuracy": self.correct / n}
+        row |= {"val_loss": val_loss, "val_accuracy": val_acc, "seconds": times[0]}
+        self.history.append(row)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, {k: row[k] for k in METRICS})
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        elif epoch - self.best_epoch >= self.optim.patience:
+            self.active = False
+        if epoch >= self.optim.epochs:
+            self.active = False
+
+    def result(self) -> FitResult:
+        """The best epoch's weights restored (none to restore when no epoch had a finite validation loss)."""
+        if self.best_state:
+            self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        stopped = len(self.history) < self.optim.epochs
+        return FitResult(self.history, self.best_epoch, self.seconds, stopped_early=stopped, diverged=self.diverged)
 
 
 def fit(
@@ -177,7 +272,36 @@ def fit(
     `model` must already be built and initialised (seed before building it); `seed` here drives
     the shuffling and dropout, so the same inputs and seed give the same history on CPU.
     """
+    return fit_many([model], train, val, [optim], seed, device, transform, [on_epoch], class_weights)[0]
+
+
+def fit_many(
+    models: Sequence[nn.Module],
+    train: tuple[Array | Inputs, Array],
+    val: tuple[Array | Inputs, Array],
+    optims: Sequence[OptimParams],
+    seed: int,
+    device: str | torch.device = "cpu",
+    transform: Transform | None = None,
+    on_epoch: Sequence[EpochCallback | None] | None = None,
+    class_weights: Sequence[float] | None = None,
+    stop_diverged: bool = False,
+) -> list[FitResult]:
+    """Train several models on the same rows in one pass: each batch (and validation batch) is read once.
+
+    Every model trains exactly as `fit` would train it alone, bitwise on CPU: the same batches (one
+    shuffle, seeded with `seed`), its own Adam with its own `optims` entry, its own dropout stream
+    seeded with `seed`, its own early stopping on validation loss and its best epoch restored. The
+    loop runs while any model trains; a stopped model is no longer stepped. The optimisers must share
+    one batch size (the batch is shared). With `stop_diverged`, a model whose validation loss is not
+    finite stops (`FitResult.diverged`, its best finite epoch kept) instead of failing every model.
+    """
     device = resolve_device(device) if isinstance(device, str) else device
+    if not models or len(models) != len(optims):
+        raise ValueError(f"need one optimiser setting per model, got {len(models)} models and {len(optims)}")
+    batch_sizes = {o.batch_size for o in optims}
+    if len(batch_sizes) != 1:
+        raise ValueError(f"models trained in one pass share their batches: one batch size, got {sorted(batch_sizes)}")
     x_train, y_train = as_inputs(train[0]), _labels(train[1])
     x_val, y_val = as_inputs(val[0]), _labels(val[1])
     if len(x_train) != len(y_train) or len(x_val) != len(y_val):
@@ -187,54 +311,36 @@ def fit(
         )
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"need at least one training and one validation row, got {len(x_train)} and {len(x_val)}")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model.to(device)
-    optimizer = torch.optim.Adam(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+    callbacks = on_epoch or [None] * len(models)
+    learners = [_Learner(m, o, cb, device) for m, o, cb in zip(models, optims, callbacks, strict=True)]
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, {}
+    batch_size, n = batch_sizes.pop(), len(x_train)
     start = time.perf_counter()
-    n = len(x_train)
-    epochs = tqdm(range(1, optim.epochs + 1), desc="epochs", unit="epoch", disable=None)
-    bar = TaskProgress("training epochs", optim.epochs)
+    most = max(o.epochs for o in optims)
+    epochs = tqdm(range(1, most + 1), desc="epochs", unit="epoch", disable=None)
+    bar = TaskProgress("training epochs", most)
     for epoch in epochs:
         t0 = time.perf_counter()
-        _train_mode(model)
-        loss_sum, correct = 0.0, 0
-        batches = x_train.shuffled(optim.batch_size, generator)
-        total = -(-n // optim.batch_size)
+        active = [learner for learner in learners if learner.active]
+        for learner in active:
+            learner.start_epoch()
+        batches = x_train.shuffled(batch_size, generator)
+        total = -(-n // batch_size)
         for idx, x in tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
             xb, yb = _prepared(x, transform, device), y_train[idx].to(device)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
-        val_loss, val_acc = _evaluate(model, x_val, y_val, optim.batch_size, transform, device, weight)
-        if not np.isfinite(val_loss):
-            raise FloatingPointError(f"validation loss is {val_loss} at epoch {epoch}: training diverged (lower lr)")
-        row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n}
-        row |= {"val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        epochs.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        if on_epoch is not None:
-            on_epoch(epoch, {k: row[k] for k in METRICS})
+            for learner in active:
+                learner.step(xb, yb, weight)
+        logits = _logits_of([learner.model for learner in active], x_val, batch_size, transform, device)
+        for learner, val_logits in zip(active, logits, strict=True):
+            now = time.perf_counter()
+            learner.end_epoch(epoch, n, _scores(val_logits, y_val, weight), (now - t0, now - start), stop_diverged)
+        epochs.set_postfix(val_loss=f"{min(s.best_loss for s in active):.4f}", training=len(active))
         bar.advance(epoch)
-        if val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= optim.patience:
+        if not any(learner.active for learner in learners):
             break
     epochs.close()
     bar.finish()
-    model.load_state_dict(best_state)
-    model.eval()
-    stopped = len(history) < optim.epochs
-    return FitResult(history=history, best_epoch=best_epoch, seconds=time.perf_counter() - start, stopped_early=stopped)
+    return [learner.result() for learner in learners]

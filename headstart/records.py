@@ -242,6 +242,8 @@ class TrainRecord(StageRecord):
     """The calibration temperature fitted on validation (the model's spec holds it too)."""
     reject_below: float | None = None
     """The calibrated confidence below which the model answers "none" (train.reject), or None."""
+    grid_cell: str | None = None
+    """A grid run's chosen cell (`block2-256-lr0.001`; every cell's figures are in history.json), or None."""
 
 
 class EvaluateRecord(StageRecord):

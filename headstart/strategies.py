@@ -49,6 +49,12 @@ def body_dropout(body: nn.Module) -> float:
     return next((m.p for m in body.modules() if isinstance(m, nn.Dropout)), 0.0)
 
 
+def seeded_head(rows: np.ndarray | Inputs, num_classes: int, head: HeadParams, seed: int) -> nn.Sequential:
+    """A new head for rows shaped like `rows`, initialised from `seed` alone: the same seed, the same start."""
+    torch.manual_seed(seed)
+    return make_head(tuple(rows.shape[1:]), num_classes, head)
+
+
 def train_frozen_head(
     train: Labelled,
     val: Labelled,
@@ -57,8 +63,7 @@ def train_frozen_head(
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """A seeded new head trained on stored features (rows of the shape the features have)."""
-    torch.manual_seed(recipe.seed)
-    head = make_head(tuple(train[0].shape[1:]), num_classes, recipe.head)
+    head = seeded_head(train[0], num_classes, recipe.head, recipe.seed)
     with torch_threads(head_threads()):  # bitwise the same at any count: fitted to the idle cores
         result = fit(
             head,

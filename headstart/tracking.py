@@ -13,14 +13,16 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 
 from headstart.caching import run_logger
@@ -159,7 +161,27 @@ def training_run(
         if run_id is None:
             mlflow.log_params(flatten(params))
             mlflow.set_tags({"git_commit": git_commit(), **tags})
-        mlflow.set_tags({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+        mlflow.set_tags(_owner())
+        yield run
+
+
+def _owner() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+@contextmanager
+def child_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """A run nested under the active one (a grid cell under its training), in the parent's experiment.
+
+    `start_run(nested=True)` alone would open it in MLflow's current experiment, not necessarily the
+    parent's. It records the owning process as its parent does, so a killed process leaves no child RUNNING.
+    """
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError(f"child run {run_name!r} needs an active parent run")
+    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True) as run:
+        mlflow.log_params(flatten(params))
+        mlflow.set_tags({**tags, **_owner()})
         yield run
 
 
@@ -213,6 +235,21 @@ def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
     """One epoch's metrics into the active run (step = epoch) and the run's log (no progress bar outside a tty)."""
     mlflow.log_metrics(dict(metrics), step=epoch)
     run_logger().info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def log_history(history: Sequence[Mapping[str, float]]) -> None:
+    """Per-epoch metrics of a finished training (its history, less the timings) into the active run, in one batch.
+
+    What `log_epoch` logs epoch by epoch, for trainings logged after they end (a grid's cells): one
+    call instead of one per epoch, so a grid of many heads costs the tracking store little.
+    """
+    run, now = mlflow.active_run(), int(time.time() * 1000)
+    if run is None:
+        raise RuntimeError("log_history needs an active run")
+    metrics = [
+        Metric(k, v, now, int(row["epoch"])) for row in history for k, v in row.items() if k not in ("epoch", "seconds")
+    ]
+    MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
 
 def log_data_lineage(meta: TaskMeta) -> None:

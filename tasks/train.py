@@ -18,11 +18,12 @@ from headstart.backbones import CLASSIFIER, StagedNet
 from headstart.caching import cached, run_logger
 from headstart.calibration import fit_temperature, rejection_threshold, softmax
 from headstart.checkpoints import ModelSpec, save_model
-from headstart.config import AUTO_CUT, STORED, OptimParams, RunParams, SourceParams, TrainParams
+from headstart.config import AUTO_CUT, STORED, HeadParams, OptimParams, RunParams, SourceParams, TrainParams
 from headstart.datasets import TaskData, load_task
 from headstart.extraction import source_network
 from headstart.files import atomic_write
 from headstart.fit import FitResult, inverse_frequency
+from headstart.grid import GridOutcome, grid_cells, train_grid
 from headstart.metrics import curves_figure
 from headstart.records import AdviseRecord, ExtractRecord, Output, SourceWeights, TaskMeta, TrainRecord, relative
 from headstart.strategies import (
@@ -73,6 +74,7 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
         "device": params.device,
         "class_weights": params.class_weights,
         "stream": params.stream.model_dump(mode="json"),
+        **({"grid": run.grid.model_dump(mode="json")} if run.grid is not None else {}),
     }
 
 
@@ -84,15 +86,17 @@ def model_spec(
     params: TrainParams,
     temperature: float = 1.0,
     reject_below: float | None = None,
+    head: HeadParams | None = None,
 ) -> ModelSpec:
-    """The saved network's spec: how to rebuild it and how its images are decoded and preprocessed."""
+    """The saved network's spec: how to rebuild it (`head`: its head, default train.head) and how its images are
+    decoded and preprocessed."""
     return ModelSpec(
         arch=weights.arch,
         num_classes=target.num_classes,
         class_names=target.class_names,
         preprocess=weights.preprocess,
         cut=trained.spec_cut,
-        head=params.head,
+        head=head or params.head,
         dropout=body_dropout(trained.net.upto(trained.spec_cut)),
         decode=meta.decode,
         temperature=temperature,
@@ -105,12 +109,15 @@ def epochs(result: FitResult) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
 
 
-def history(outcome: Outcome) -> dict:
-    """history.json: the kept network's epochs, and the baseline's when there was one (content only: no timings)."""
+def history(outcome: Outcome, grid: GridOutcome | None = None) -> dict:
+    """history.json: the kept network's epochs, the baseline's when there was one, every grid cell's best figures
+    with a grid (content only: no timings)."""
     result = outcome.kept.result
     out = {"best_epoch": result.best_epoch, "epochs": result.epochs, "history": epochs(result)}
     if outcome.baseline is not None:
         out["baseline"] = {"best_epoch": outcome.baseline.result.best_epoch, "history": epochs(outcome.baseline.result)}
+    if grid is not None:
+        out["grid"] = grid.summary()
     return out
 
 
@@ -168,12 +175,31 @@ def class_weights_of(params: TrainParams, target: TaskData) -> tuple[float, ...]
     return inverse_frequency(target.train.labels, target.num_classes) if params.class_weights == "auto" else None
 
 
+def run_grid(
+    run_name: str, run: RunParams, cut: str, source_net: StagedNet, target: TaskData,
+    extract_record: ExtractRecord | None, params: TrainParams, class_weights: tuple[float, ...] | None,
+) -> tuple[Trained, GridOutcome]:  # fmt: skip
+    """A frozen run's grid, one read of each cut's stored activations; the chosen cell as the run's network."""
+    named = [cut if c == AUTO_CUT else c for c in run.grid.cuts]  # grid.cuts is set only when run.cut is not
+    cells = grid_cells(run.grid.model_copy(update={"cuts": named}), cut, params.head, params.frozen, len(target.train))
+    grid = train_grid(
+        cells, lambda at: stored_inputs(run_name, "frozen", extract_record, target, at, params),
+        (target.train.labels, target.val.labels), target.num_classes, params.seed, params.device, class_weights,
+    )  # fmt: skip
+    log_grid(run_name, grid)
+    kept = grid.kept
+    net = source_net.upto(kept.cell.cut).with_classifier(kept.head)
+    return Trained("frozen", net, kept.cell.cut, kept.result), grid
+
+
 def train_outcome(
     run: RunParams, strategy: str, cut: str, upper_init: str, source_net: StagedNet, weights: SourceWeights,
     target: TaskData, features: Features | None, params: TrainParams, class_weights: tuple[float, ...] | None,
+    trained: Trained | None = None,
 ) -> Outcome:  # fmt: skip
-    """Train the strategy, and scratch beside it when a baseline is asked for; keep the one the rule says."""
-    trained = train_strategy(
+    """Train the strategy (unless `trained`, a grid's choice, is given), and scratch beside it when a baseline is
+    asked for; keep the one the rule says."""
+    trained = trained or train_strategy(
         strategy, source_net, weights.arch, target, weights.preprocess, recipe_of(strategy, params, class_weights),
         cut, features, upper_init, tracking.log_epoch,
     )  # fmt: skip
@@ -197,14 +223,34 @@ def calibrate(
     return temperature, rejection_threshold(softmax(logits, temperature), params.reject)
 
 
-def save_run(outcome: Outcome, spec: ModelSpec, out_dir: Path) -> tuple[Path, Path, str]:
+def save_run(
+    outcome: Outcome, spec: ModelSpec, out_dir: Path, grid: GridOutcome | None = None
+) -> tuple[Path, Path, str]:
     """model.safetensors (with its spec) and history.json; their paths and the model's sha256."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path, history_path = out_dir / "model.safetensors", out_dir / "history.json"
     sha256 = save_model(outcome.kept.net, spec, model_path)
     with atomic_write(history_path) as tmp:
-        tmp.write_text(json.dumps(history(outcome), indent=2))
+        tmp.write_text(json.dumps(history(outcome, grid), indent=2))
     return model_path, history_path, sha256
+
+
+def log_grid(run_name: str, grid: GridOutcome) -> None:
+    """Each cell as a child run of the active run (its params, per-epoch metrics, best figures); the choice on the
+    parent, with the chosen cell's epochs as the parent's own (a single head logs them as it trains)."""
+    for cell in grid.cells:
+        with tracking.child_run(f"{run_name}/{cell.cell.name}", cell.cell.params(), {"stage": "train-grid"}):
+            tracking.log_history(cell.result.history)
+            mlflow.log_metrics({"best_epoch": cell.result.best_epoch, **(_best(cell.result) if cell.score else {})})
+            mlflow.set_tag("chosen", str(cell is grid.kept).lower())
+    kept = grid.kept
+    mlflow.set_tags({"grid_choice": kept.cell.name, "grid_cells": str(len(grid.cells))})
+    mlflow.log_params(tracking.flatten({"chosen": kept.cell.params()}))
+    tracking.log_history(kept.result.history)
+    run_logger().info(
+        "%s: grid of %d heads, chosen %s (val accuracy %.4f, val loss %.4f)",
+        run_name, len(grid.cells), kept.cell.name, *kept.score,
+    )  # fmt: skip
 
 
 def log_result(run_name: str, run: RunParams, outcome: Outcome, spec: ModelSpec, sha256: str) -> int | None:
@@ -249,20 +295,25 @@ def train(
     target = load_task(Path(data_dir), "target")
     strategy, cut, upper_init = choice(run, source, advice_record)
     cut = weights.cut if cut == AUTO_CUT else cut  # the weights stage resolved `auto`
-    features = stored_inputs(run_name, strategy, extract_record, target, cut, params)
+    features = stored_inputs(run_name, strategy, extract_record, target, cut, params) if run.grid is None else None
     class_weights = class_weights_of(params, target)
     log.info("%s: %s from %s at %s on %d images; class weights %s", run_name, strategy, run.source, cut,
              len(target.train), class_weights)  # fmt: skip
     tags = train_tags(run, strategy, cut, target, weights, extract_record)
     with tracking.training_run(run_name, run_params(run, source, params, optim_of(strategy, params)), tags):
         tracking.log_data_lineage(task_meta)
+        source_net, trained, grid = source_network(weights), None, None
+        if run.grid is not None:  # the grid's chosen cell is the run's frozen head
+            trained, grid = run_grid(run_name, run, cut, source_net, target, extract_record, params, class_weights)
+            features, cut = grid.features, trained.spec_cut
         outcome = train_outcome(
-            run, strategy, cut, upper_init, source_network(weights), weights, target, features, params, class_weights
+            run, strategy, cut, upper_init, source_net, weights, target, features, params, class_weights, trained
         )
         _log_outcome(run_name, run, strategy, outcome)
         temperature, reject_below = calibrate(outcome.kept, target, weights, cut, features, params)
-        spec = model_spec(outcome.kept, weights, target, task_meta, params, temperature, reject_below)
-        model_path, history_path, sha256 = save_run(outcome, spec, Path(out_dir))
+        head = grid.kept.cell.head if grid is not None else None
+        spec = model_spec(outcome.kept, weights, target, task_meta, params, temperature, reject_below, head)
+        model_path, history_path, sha256 = save_run(outcome, spec, Path(out_dir), grid)
         units = log_result(run_name, run, outcome, spec, sha256)
     kept, result = outcome.kept, outcome.kept.result
     log.info("%s: val accuracy %.4f (best of %d epochs, %.1f s), temperature %.2f",
@@ -274,5 +325,6 @@ def train(
         epochs=result.epochs, best_epoch=result.best_epoch, transfer_val_accuracy=outcome.transfer_val_accuracy,
         baseline_val_accuracy=outcome.baseline.val_accuracy if outcome.baseline is not None else None,
         negative_transfer=outcome.negative_transfer, head_distinct_units=units, temperature=temperature,
-        reject_below=reject_below, outputs=[Output.of(model_path), Output.of(history_path)],
+        reject_below=reject_below, grid_cell=grid.kept.cell.name if grid is not None else None,
+        outputs=[Output.of(model_path), Output.of(history_path)],
     )  # fmt: skip

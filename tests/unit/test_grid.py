@@ -1,0 +1,210 @@
+"""Many heads from one read: the grid's cells, its one-pass loop, its choice rule and its params."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from headstart.config import GridParams, HeadParams, OptimParams, ParamsError, RunParams, parse_params
+from headstart.fit import ArrayInputs, fit_many
+from headstart.grid import LOGREG_HEAD, Cell, choose, grid_cells, train_cells, train_grid
+from headstart.strategies import Recipe, seeded_head, train_frozen_head
+from tests.tiny import tiny_params
+
+HEAD = HeadParams(hidden=[8], dropout=0.3)
+"""Dropout on: a cell's dropout draws must be its own, whatever the other heads draw."""
+OPTIM = OptimParams(epochs=5, batch_size=16, lr=3e-3, weight_decay=1e-4, patience=2)
+CLASSES = 3
+
+
+class CountingInputs(ArrayInputs):
+    """Rows in memory that count how often a loop reads them: one shuffled pass and one in-order pass per epoch."""
+
+    def __init__(self, x: np.ndarray):
+        super().__init__(x)
+        self.shuffles = self.in_orders = 0
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.shuffles += 1
+        return super().shuffled(batch_size, generator)
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        self.in_orders += 1
+        return super().in_order(batch_size)
+
+
+Labelled = tuple[np.ndarray, np.ndarray]
+
+
+def features(shape: tuple[int, ...], seed: int = 0) -> tuple[Labelled, Labelled]:
+    """Learnable stored-activation look-alikes: each class shifts its own block of features."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Labelled:
+        y = np.arange(n) % CLASSES
+        x = rng.normal(size=(n, *shape)).astype(np.float32)
+        flat = x.reshape(n, -1)
+        for c in range(CLASSES):
+            flat[y == c, c::CLASSES] += 0.4
+        return x, y
+
+    return split(96), split(30)
+
+
+def same(a: nn.Module, b: nn.Module) -> bool:
+    """Bitwise the same weights."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def epochs(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_a_one_cell_grid_is_the_single_frozen_head_bitwise() -> None:
+    train, val = features((4, 3, 3))
+    recipe = Recipe(HEAD, OPTIM, seed=5, device="cpu")
+    single, alone = train_frozen_head(train, val, CLASSES, recipe)
+    cells = grid_cells(GridParams(), "block2", HEAD, OPTIM, len(train[0]))
+    assert cells == [Cell("block2", HEAD, OPTIM)]  # an empty grid is the run's own head
+    [cell] = train_cells(cells, train, val, CLASSES, seed=5, device="cpu")
+    assert same(cell.head, single)
+    assert epochs(cell.result.history) == epochs(alone.history) and cell.result.best_epoch == alone.best_epoch
+
+
+def test_every_cell_is_stepped_on_one_read_per_epoch_and_trains_as_it_would_alone() -> None:
+    (x, y), (xv, yv) = features((20,))
+    grid = GridParams(lrs=[3e-2, 3e-3], hidden=[[], [8]], logreg=True)
+    cells = grid_cells(grid, "fc1", HEAD, OPTIM, len(x))
+    assert len(cells) == 2 * 2 + 1
+    train_x, val_x = CountingInputs(x), CountingInputs(xv)
+    results = train_cells(cells, (train_x, y), (val_x, yv), CLASSES, seed=1, device="cpu")
+    longest = max(r.result.epochs for r in results)
+    assert train_x.shuffles == longest and val_x.in_orders == longest  # each epoch reads the rows once for all heads
+    for cell, result in zip(cells, results, strict=True):
+        assert result.cell == cell and result.result.epochs >= 1
+        start = seeded_head(x, CLASSES, cell.head, seed=1)
+        assert not same(result.head, start)  # stepped away from its seeded start
+        recipe = Recipe(cell.head, cell.optim, seed=1, device="cpu")
+        alone, fitted = train_frozen_head((x, y), (xv, yv), CLASSES, recipe)
+        assert same(result.head, alone), cell.name
+        assert epochs(result.result.history) == epochs(fitted.history)
+
+
+def test_a_grid_is_deterministic_per_seed() -> None:
+    train, val = features((12,))
+    cells = grid_cells(GridParams(lrs=[1e-2, 1e-3], hidden=[[8]]), "fc1", HEAD, OPTIM, len(train[0]))
+    first, again = (train_cells(cells, train, val, CLASSES, seed=0, device="cpu") for _ in range(2))
+    other = train_cells(cells, train, val, CLASSES, seed=1, device="cpu")
+    assert all(same(a.head, b.head) for a, b in zip(first, again, strict=True))
+    assert [a.result.history[-1]["val_loss"] for a in first] == [b.result.history[-1]["val_loss"] for b in again]
+    assert not any(same(a.head, b.head) for a, b in zip(first, other, strict=True))
+
+
+def test_cells_come_in_grid_order_with_the_logistic_regression_last_per_cut() -> None:
+    grid = GridParams(lrs=[1e-2, 1e-3], cuts=["block2", "fc1"], hidden=[[], [16, 8]], logreg=True, logreg_c=0.5)
+    cells = grid_cells(grid, "block2", HEAD, OPTIM, train_rows=400)
+    assert [c.name for c in cells] == [
+        "block2-linear-lr0.01", "block2-linear-lr0.001", "block2-16x8-lr0.01", "block2-16x8-lr0.001", "block2-logreg",
+        "fc1-linear-lr0.01", "fc1-linear-lr0.001", "fc1-16x8-lr0.01", "fc1-16x8-lr0.001", "fc1-logreg",
+    ]  # fmt: skip
+    assert cells[2].head == HEAD.model_copy(update={"hidden": [16, 8]}) and cells[2].optim.lr == 1e-2
+    logreg = cells[4]
+    assert logreg.logreg and logreg.head == LOGREG_HEAD and logreg.optim.lr == OPTIM.lr
+    assert logreg.optim.weight_decay == pytest.approx(1 / (0.5 * 400))  # scikit-learn's C, per training row
+    assert logreg.params() == {
+        "cut": "block2", "lr": OPTIM.lr, "hidden": [], "logreg": True, "weight_decay": 1 / 200, "init": "zeros"
+    }  # fmt: skip
+
+
+def test_the_choice_is_accuracy_then_loss_then_grid_order_and_never_a_diverged_cell() -> None:
+    assert choose([(0.8, 0.5), (0.9, 0.7), (0.85, 0.1)]) == 1  # accuracy first
+    assert choose([(0.9, 0.5), (0.9, 0.4), (0.8, 0.1)]) == 1  # equal accuracy: the lower loss
+    assert choose([(0.9, 0.4), (0.9, 0.4), (0.9, 0.4)]) == 0  # all equal: the first in grid order
+    assert choose([None, (0.1, 3.0), None]) == 1
+    assert choose([None, None]) is None and choose([]) is None
+
+
+class NanAfterFirstEpoch(nn.Module):
+    """A linear head whose predictions turn to NaN after its first validation: a head that diverges."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear, self.evals = nn.Linear(width, CLASSES), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x.flatten(1))
+        if not self.training:
+            self.evals += 1
+            return out * float("nan") if self.evals > 2 else out  # two validation batches per epoch
+        return out
+
+
+def test_a_diverging_head_stops_alone_and_keeps_its_best_epoch() -> None:
+    train, val = features((10,))
+    torch.manual_seed(0)
+    bad, good = NanAfterFirstEpoch(10), nn.Sequential(nn.Flatten(), nn.Linear(10, CLASSES))
+    optims = [OPTIM.model_copy(update={"patience": OPTIM.epochs})] * 2
+    with pytest.raises(FloatingPointError, match="diverged"):
+        fit_many([NanAfterFirstEpoch(10)], train, val, optims[:1], seed=0)
+    bad_result, good_result = fit_many([bad, good], train, val, optims, seed=0, stop_diverged=True)
+    assert bad_result.diverged and bad_result.epochs == 1 and bad_result.best_epoch == 1
+    assert not good_result.diverged and good_result.epochs == OPTIM.epochs
+
+
+def test_a_grid_reads_each_cut_once_and_keeps_the_chosen_cuts_activations() -> None:
+    stored = {"block2": features((4, 3, 3), seed=0), "fc1": features((16,), seed=1)}
+    reads: list[str] = []
+
+    def read(cut: str) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(cut)
+        return stored[cut][0][0], stored[cut][1][0]
+
+    labels = (stored["block2"][0][1], stored["block2"][1][1])
+    grid = GridParams(lrs=[1e-2, 1e-3], cuts=["block2", "fc1"], hidden=[[], [8]])
+    cells = grid_cells(grid, "block2", HEAD, OPTIM, len(labels[0]))
+    outcome = train_grid(cells, read, labels, CLASSES, seed=0, device="cpu")
+    assert reads == ["block2", "fc1"]
+    assert [r.cell for r in outcome.cells] == cells
+    assert outcome.chosen == choose([r.score for r in outcome.cells])
+    assert outcome.features[0] is stored[outcome.kept.cell.cut][0][0]
+    summary = outcome.summary()
+    assert summary["chosen"] == outcome.kept.cell.name and len(summary["cells"]) == len(cells)
+    assert "seconds" not in summary["cells"][0]  # content only: history.json gates the caches
+
+
+def run(**fields: object) -> dict[str, object]:
+    return {"source": "fmnist", "strategy": "frozen", **fields}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (run(strategy="finetune", grid={}), "grid applies to frozen runs"),
+        (run(cut="fc1", grid={"cuts": ["block1"]}), "set the cut once"),
+        (run(grid={"lrs": [0.001, 0.001]}), "distinct"),
+        (run(grid={"hidden": [[8], [8]]}), "distinct"),
+        (run(grid={"lrs": [0.0]}), "greater than 0"),
+        (run(grid={"logreg_c": 0}), "greater than 0"),
+        (run(grid={"cuts": ["block3"]}), "grid.cuts holds 'block3'"),
+    ],
+)
+def test_a_bad_grid_is_refused_naming_its_key(tmp_path, fields: dict, message: str) -> None:
+    raw = tiny_params(tmp_path)
+    raw["train"]["runs"] = {"grid": fields}
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+def test_a_grid_defaults_off_and_parses_every_axis(tmp_path) -> None:
+    raw = tiny_params(tmp_path)
+    assert all(r.grid is None for r in parse_params(raw).train.runs.values())
+    grid = {"lrs": [0.01, 0.001], "cuts": ["block2", "fc1"], "hidden": [[], [256]], "logreg": True}
+    raw["train"]["runs"] = {"grid": run(grid=grid)}
+    parsed = parse_params(raw).train.runs["grid"]
+    assert parsed.grid == GridParams(**grid) and parsed.cuts == ["block2", "fc1"]
+    assert RunParams(source="fmnist", strategy="frozen").cuts == [None]
