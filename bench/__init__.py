@@ -13,5 +13,6 @@ BENCHMARKS = (
     "commands",
     "threads",
     "streaming",
+    "head_grid",
 )
 """Module names under bench/ in table order, each with `NAME` and `run(workspace) -> list[Row]`."""

@@ -337,7 +337,7 @@ def fit_many(
         for learner, val_logits in zip(active, logits, strict=True):
             now = time.perf_counter()
             learner.end_epoch(epoch, n, _scores(val_logits, y_val, weight), (now - t0, now - start), stop_diverged)
-        epochs.set_postfix(val_loss=f"{min(s.best_loss for s in active):.4f}", training=len(active))
+        epochs.set_postfix(best_val_loss=f"{min(s.best_loss for s in active):.4f}", training=len(active))
         bar.advance(epoch)
         if not any(learner.active for learner in learners):
             break

@@ -290,6 +290,7 @@ def train(
 
     With a baseline (run.baseline, or auto), scratch is trained on the same data too: if it wins on
     validation the run is tagged `negative_transfer=true`, and auto keeps the scratch network instead.
+    A frozen run with a grid trains every cell (each a child run), and its best on validation is the run's network.
     """
     log = run_logger()
     target = load_task(Path(data_dir), "target")

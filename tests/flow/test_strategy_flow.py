@@ -1,4 +1,5 @@
-"""Choosing a strategy through the real flow and CLI on tiny data: partial and auto runs, `advise`, `compare-init`."""
+"""Choosing a strategy through the real flow and CLI on tiny data: partial, auto and grid runs, `advise`,
+`compare-init`."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from typer.testing import CliRunner
 from flows.layout import Layout
 from flows.pipeline import transfer
 from flows.summary import summary_markdown
+from headstart.checkpoints import load_model
 from headstart.config import parse_params
+from headstart.grid import choose
+from headstart.records import absolute
 from tests.tiny import tiny_params, write_tiny_fmnist
 
-pytestmark = pytest.mark.slow  # a cold flow run on tiny data (Prefect server start, pretrain, extract, 2 runs)
+pytestmark = pytest.mark.slow  # a cold flow run on tiny data (Prefect server start, pretrain, extract, 3 runs)
+GRID = {"lrs": [0.003, 0.001], "cuts": ["block2", "fc1"], "hidden": [[], [16]], "logreg": True}
+"""2 learning rates x 2 cuts x 2 widths, plus a logistic regression per cut: 10 heads."""
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +33,7 @@ def project(project_root: Path) -> dict[str, Any]:
     raw["train"]["runs"] = {
         "fmnist-partial": {"source": "fmnist", "strategy": "partial", "cut": "block1"},
         "fmnist-auto": {"source": "fmnist", "strategy": "auto"},
+        "fmnist-grid": {"source": "fmnist", "strategy": "frozen", "grid": GRID},
     }
     raw["train"]["partial"].update(epochs=2, batch_size=64)
     raw["advise"].update(probe_per_class=20, probe={"epochs": 5, "batch_size": 32, "lr": 0.003})
@@ -77,3 +84,32 @@ def test_compare_init_shows_constant_inits_collapsing_the_hidden_units(project: 
     client = MlflowClient()
     names = {r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
     assert {"init-frozen-kaiming", "init-frozen-zeros"} <= names
+
+
+def test_a_grid_run_logs_every_head_as_a_child_run_and_keeps_the_chosen_one(project: dict[str, Any]) -> None:
+    record = project["result"]["runs"]["fmnist-grid"]
+    client = MlflowClient()
+    parent = client.get_run(record["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.run_name"],
+    )
+    combos = {(c, json.dumps(h), str(lr), "False") for c in GRID["cuts"] for h in GRID["hidden"] for lr in GRID["lrs"]}
+    combos |= {(c, "[]", "0.001", "True") for c in GRID["cuts"]}  # the logistic regressions, at train.frozen.lr
+    params = [r.data.params for r in children]
+    assert {(p["cut"], p["hidden"], p["lr"], p["logreg"]) for p in params} == combos and len(children) == 10
+    assert all(r.info.status == "FINISHED" and r.data.metrics["best_val_accuracy"] > 0 for r in children)
+    assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) >= 1 for r in children)
+    # the kept network is the chosen cell: its cut and head in the saved model, its figures in the record
+    history = json.loads(absolute(record["path"]).with_name("history.json").read_text())["grid"]
+    cells = history["cells"]
+    assert history["chosen"] == cells[choose([(c["val_accuracy"], c["val_loss"]) for c in cells])]["name"]
+    chosen = next(r for r in children if r.data.tags["chosen"] == "true")
+    assert chosen.info.run_name == f"fmnist-grid/{record['grid_cell']}" and record["grid_cell"] == history["chosen"]
+    assert parent.data.tags["grid_choice"] == record["grid_cell"] and parent.data.params["chosen.cut"] == record["cut"]
+    assert record["val_accuracy"] == chosen.data.metrics["best_val_accuracy"]
+    _, spec = load_model(absolute(record["path"]), record["sha256"])
+    assert spec.cut == chosen.data.params["cut"] and json.dumps(spec.head.hidden) == chosen.data.params["hidden"]
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and "test_accuracy" in parent.data.metrics  # evaluated as one head
+    assert f"fmnist-grid: its grid of heads chose {record['grid_cell']}" in summary_markdown(project["result"])
