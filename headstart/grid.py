@@ -19,7 +19,7 @@ from torch import nn
 
 from headstart.config import Device, GridParams, HeadParams, OptimParams
 from headstart.fit import FitResult, fit_many
-from headstart.strategies import Features, seeded_head
+from headstart.strategies import Features, Labelled, seeded_head
 from headstart.threads import head_threads, torch_threads
 
 LOGREG_HEAD = HeadParams(hidden=[], dropout=0.0, init="zeros")
@@ -114,8 +114,8 @@ def choose(scores: Sequence[tuple[float, float] | None]) -> int | None:
 
 def train_cells(
     cells: Sequence[Cell],
-    train: tuple[Any, np.ndarray],
-    val: tuple[Any, np.ndarray],
+    train: Labelled,
+    val: Labelled,
     num_classes: int,
     seed: int,
     device: Device = "auto",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,14 +194,14 @@ def run(**fields: object) -> dict[str, object]:
         (run(grid={"cuts": ["block3"]}), "grid.cuts holds 'block3'"),
     ],
 )
-def test_a_bad_grid_is_refused_naming_its_key(tmp_path, fields: dict, message: str) -> None:
+def test_a_bad_grid_is_refused_naming_its_key(tmp_path: Path, fields: dict, message: str) -> None:
     raw = tiny_params(tmp_path)
     raw["train"]["runs"] = {"grid": fields}
     with pytest.raises(ParamsError, match=message):
         parse_params(raw)
 
 
-def test_a_grid_defaults_off_and_parses_every_axis(tmp_path) -> None:
+def test_a_grid_defaults_off_and_parses_every_axis(tmp_path: Path) -> None:
     raw = tiny_params(tmp_path)
     assert all(r.grid is None for r in parse_params(raw).train.runs.values())
     grid = {"lrs": [0.01, 0.001], "cuts": ["block2", "fc1"], "hidden": [[], [256]], "logreg": True}
