@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from headstart.config import GridParams, HeadParams, OptimParams, ParamsError, RunParams, parse_params
+from headstart.checkpoints import load_model
+from headstart.config import ExtractParams, GridParams, HeadParams, OptimParams, ParamsError, RunParams, parse_params
 from headstart.fit import ArrayInputs, fit_many
 from headstart.grid import LOGREG_HEAD, Cell, choose, grid_cells, train_cells, train_grid
+from headstart.records import TrainRecord, absolute
 from headstart.strategies import Recipe, seeded_head, train_frozen_head
+from tasks.extract import extract
+from tasks.train import train
 from tests.tiny import tiny_params
+from tests.unit.training_setup import Setup, prepare
 
 HEAD = HeadParams(hidden=[8], dropout=0.3)
 """Dropout on: a cell's dropout draws must be its own, whatever the other heads draw."""
@@ -209,3 +216,49 @@ def test_a_grid_defaults_off_and_parses_every_axis(tmp_path: Path) -> None:
     parsed = parse_params(raw).train.runs["grid"]
     assert parsed.grid == GridParams(**grid) and parsed.cuts == ["block2", "fc1"]
     assert RunParams(source="fmnist", strategy="frozen").cuts == [None]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    """The training setup with a store holding block2 and fc1 (the grid's two cuts)."""
+    root = tmp_path_factory.mktemp("grid")
+    base = prepare(root)
+    record = extract.fn(
+        weights=base.weights,
+        task_meta=base.task_meta,
+        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
+        data_dir=base.data_dir,
+        store_root=root / "features-taps",
+        taps=["fc1"],
+    )
+    return replace(base, extract_record=record, source=base.source.model_copy(update={"taps": ["fc1"]}))
+
+
+def train_grid_run(setup: Setup, out_dir: Path, run: RunParams) -> TrainRecord:
+    return train.fn(
+        run_name="test-grid", run=run, source=setup.source, params=setup.params.model_copy(update={"reject": 0.1}),
+        weights=setup.weights, extract_record=setup.extract_record, task_meta=setup.task_meta,
+        data_dir=setup.data_dir, out_dir=out_dir,
+    )  # fmt: skip
+
+
+def test_the_train_task_keeps_the_chosen_cell_with_its_baseline_and_threshold_and_writes_content_only(
+    setup: Setup, tmp_path: Path
+) -> None:
+    grid = GridParams(lrs=[0.01, 0.002], cuts=["block2", "fc1"], logreg=True)
+    run = RunParams(source="fmnist", strategy="frozen", baseline=True, grid=grid)
+    first, again = (train_grid_run(setup, tmp_path / name, run) for name in ("a", "b"))
+    history = json.loads(absolute(first.path).with_name("history.json").read_text())
+    cells = history["grid"]["cells"]
+    assert len(cells) == 6 and first.grid_cell == history["grid"]["chosen"]
+    chosen = cells[choose([(c["val_accuracy"], c["val_loss"]) for c in cells])]
+    assert chosen["name"] == first.grid_cell and first.cut == chosen["cut"]
+    assert first.val_accuracy == chosen["val_accuracy"] and first.best_epoch == chosen["best_epoch"]
+    _, spec = load_model(absolute(first.path), first.sha256)
+    assert spec.cut == chosen["cut"] and spec.head.hidden == chosen["hidden"]
+    assert spec.head.init == chosen["init"] and spec.reject_below == first.reject_below is not None
+    assert first.baseline_val_accuracy is not None and first.negative_transfer is not None
+    # the same inputs give the same model and the same files: records and outputs hold content only
+    assert again.sha256 == first.sha256 and again.grid_cell == first.grid_cell
+    assert absolute(again.path).with_name("history.json").read_text() == json.dumps(history, indent=2)
+    assert [o.sha256 for o in again.outputs] == [o.sha256 for o in first.outputs]
