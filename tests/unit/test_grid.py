@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +12,14 @@ import torch
 from torch import nn
 
 from headstart.checkpoints import load_model
-from headstart.config import ExtractParams, GridParams, HeadParams, OptimParams, ParamsError, RunParams, parse_params
+from headstart.config import GridParams, HeadParams, OptimParams, ParamsError, RunParams, parse_params
 from headstart.fit import ArrayInputs, fit_many
 from headstart.grid import LOGREG_HEAD, Cell, choose, grid_cells, train_cells, train_grid
 from headstart.records import TrainRecord, absolute
 from headstart.strategies import Recipe, seeded_head, train_frozen_head
-from tasks.extract import extract
 from tasks.train import train
 from tests.tiny import tiny_params
-from tests.unit.training_setup import Setup, prepare
+from tests.unit.training_setup import Setup, prepare, with_taps
 
 HEAD = HeadParams(hidden=[8], dropout=0.3)
 """Dropout on: a cell's dropout draws must be its own, whatever the other heads draw."""
@@ -222,16 +220,7 @@ def test_a_grid_defaults_off_and_parses_every_axis(tmp_path: Path) -> None:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     """The training setup with a store holding block2 and fc1 (the grid's two cuts)."""
     root = tmp_path_factory.mktemp("grid")
-    base = prepare(root)
-    record = extract.fn(
-        weights=base.weights,
-        task_meta=base.task_meta,
-        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
-        data_dir=base.data_dir,
-        store_root=root / "features-taps",
-        taps=["fc1"],
-    )
-    return replace(base, extract_record=record, source=base.source.model_copy(update={"taps": ["fc1"]}))
+    return with_taps(prepare(root), root, ["fc1"])
 
 
 def train_grid_run(setup: Setup, out_dir: Path, run: RunParams) -> TrainRecord:

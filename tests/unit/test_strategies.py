@@ -30,7 +30,7 @@ from headstart.strategies import (
 from tasks.extract import extract
 from tasks.train import recipe_of, train
 from tests.tiny import placeholder_advice
-from tests.unit.training_setup import PRE, Setup, prepare
+from tests.unit.training_setup import PRE, Setup, prepare, with_taps
 
 TAPS = ["block1", "block2", "fc1"]
 
@@ -39,18 +39,9 @@ TAPS = ["block1", "block2", "fc1"]
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     """The training setup, its feature store re-made with every tap of fmnist_cnn."""
     root = tmp_path_factory.mktemp("strategies")
-    base = prepare(root)
-    record = extract.fn(
-        weights=base.weights,
-        task_meta=base.task_meta,
-        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
-        data_dir=base.data_dir,
-        store_root=root / "features-taps",
-        taps=TAPS,
-    )
+    base = with_taps(prepare(root), root, TAPS)
     params = base.params.model_copy(update={"partial": base.params.frozen})  # 3 epochs, batches of 16
-    source = base.source.model_copy(update={"taps": ["block1", "fc1"]})
-    return replace(base, extract_record=record, source=source, params=params)
+    return replace(base, params=params)
 
 
 def features_at(setup: Setup, cut: str) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +82,17 @@ def prepare(root: Path) -> Setup:
         device="cpu",
     )
     return Setup(data_dir, task_meta, weights, extract_record, source, params)
+
+
+def with_taps(base: Setup, root: Path, taps: list[str]) -> Setup:
+    """The setup with its feature store made again holding `taps` too, and its source naming them."""
+    record = extract.fn(
+        weights=base.weights,
+        task_meta=base.task_meta,
+        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu"),
+        data_dir=base.data_dir,
+        store_root=root / "features-taps",
+        taps=taps,
+    )
+    source = base.source.model_copy(update={"taps": [t for t in taps if t != base.source.cut]})
+    return replace(base, extract_record=record, source=source)
