@@ -168,8 +168,12 @@ def fit(
     transform: Transform | None = None,
     on_epoch: EpochCallback | None = None,
     class_weights: Sequence[float] | None = None,
+    train_augment: Transform | None = None,
 ) -> FitResult:
     """Train the parameters of `model` that require grad; return the per-epoch history.
+
+    `train_augment` changes training batches only, after `transform` (feature-space augmentation of
+    stored activations: headstart.feature_augment); validation and prediction never see it.
 
     `class_weights` weigh each class's term of the training and validation loss (an unbalanced
     folder: `inverse_frequency`); None weighs every image the same.
@@ -210,6 +214,8 @@ def fit(
         total = -(-n // optim.batch_size)
         for idx, x in tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
             xb, yb = _prepared(x, transform, device), y_train[idx].to(device)
+            if train_augment is not None:
+                xb = train_augment(xb)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, weight=weight)
             optimizer.zero_grad(set_to_none=True)

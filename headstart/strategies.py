@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from headstart.backbones import CLASSIFIER, StagedNet, create_model, feature_shape, preprocess
-from headstart.config import STORED, Device, HeadParams, OptimParams, UpperInit
+from headstart.config import STORED, Device, FeatureAugmentParams, HeadParams, OptimParams, UpperInit
 from headstart.datasets import TaskData
+from headstart.feature_augment import FeatureAugmenter
 from headstart.fit import EpochCallback, FitResult, Inputs, fit, predict_logits
 from headstart.heads import make_head
 from headstart.images import Preprocess
@@ -42,6 +43,15 @@ class Recipe:
     device: Device = "auto"
     class_weights: tuple[float, ...] | None = None
     """Per-class loss weights (train.class_weights: auto); None weighs every image the same."""
+    feature_augment: FeatureAugmentParams | None = None
+    """Random changes to stored activation maps of training batches (frozen, partial); None or all off: none."""
+
+    def augmenter(self) -> FeatureAugmenter | None:
+        """The training batches' feature-space augmentation, seeded with the run's seed; None when off."""
+        if self.feature_augment is None:
+            return None
+        augmenter = FeatureAugmenter(self.feature_augment, self.seed)
+        return augmenter if augmenter.active else None
 
 
 def body_dropout(body: nn.Module) -> float:
@@ -69,6 +79,7 @@ def train_frozen_head(
             recipe.device,
             on_epoch=on_epoch,
             class_weights=recipe.class_weights,
+            train_augment=recipe.augmenter(),
         )
     return head, result
 
@@ -172,7 +183,7 @@ def train_partial(
     """
     return fit(
         above_cut(net, cut), train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch,
-        class_weights=recipe.class_weights,
+        class_weights=recipe.class_weights, train_augment=recipe.augmenter(),
     )  # fmt: skip
 
 

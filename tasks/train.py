@@ -37,7 +37,7 @@ from headstart.strategies import (
     train_strategy,
     val_logits,
 )
-from headstart.streaming import stored_rows
+from headstart.streaming import stored_rows, viewed_rows
 
 
 def optim_of(strategy: str, params: TrainParams) -> OptimParams:
@@ -46,7 +46,9 @@ def optim_of(strategy: str, params: TrainParams) -> OptimParams:
 
 def recipe_of(strategy: str, params: TrainParams, class_weights: tuple[float, ...] | None = None) -> Recipe:
     """The head, optimiser, seed, device and class weights a strategy trains with under this train section."""
-    return Recipe(params.head, optim_of(strategy, params), params.seed, params.device, class_weights)
+    return Recipe(
+        params.head, optim_of(strategy, params), params.seed, params.device, class_weights, params.feature_augment
+    )
 
 
 def choice(run: RunParams, source: SourceParams, advice: AdviseRecord | None) -> tuple[str, str, str]:
@@ -73,6 +75,8 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
         "device": params.device,
         "class_weights": params.class_weights,
         "stream": params.stream.model_dump(mode="json"),
+        "views": params.views,
+        "feature_augment": params.feature_augment.model_dump(mode="json"),
     }
 
 
@@ -147,6 +151,7 @@ def train_tags(run: RunParams, strategy: str, cut: str, target: TaskData, weight
         tags["auto_choice"] = f"{strategy}@{cut}"
     if strategy in STORED and extract_record is not None:
         tags["feature_store_key"] = extract_record.store_key
+        tags["store_views"] = str(extract_record.views)
     return tags
 
 
@@ -155,13 +160,17 @@ def stored_inputs(
 ) -> Features | None:
     """The stored activations at `cut` of the training and validation images, for the strategies that train on them.
 
-    Each split is loaded or streamed from the store as `train.stream` says (the same metrics either way).
+    Each split is loaded or streamed from the store as `train.stream` says (the same metrics either way); with
+    `train.views: use`, training draws each image's plain row or one of its stored augmented views per epoch.
     """
     if strategy not in STORED:
         return None
     if extract_record is None:
         raise ValueError(f"run {run_name!r} is {strategy}: it needs the extract stage's record, got None")
-    return tuple(stored_rows(extract_record, s.images, cut, params.stream) for s in (target.train, target.val))
+    rows = viewed_rows if params.views == "use" else stored_rows
+    return rows(extract_record, target.train.images, cut, params.stream), stored_rows(
+        extract_record, target.val.images, cut, params.stream
+    )
 
 
 def class_weights_of(params: TrainParams, target: TaskData) -> tuple[float, ...] | None:
