@@ -13,5 +13,6 @@ BENCHMARKS = (
     "commands",
     "threads",
     "streaming",
+    "views",
 )
 """Module names under bench/ in table order, each with `NAME` and `run(workspace) -> list[Row]`."""

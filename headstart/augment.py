@@ -9,11 +9,13 @@ test-time views are a fixed, deterministic list (flips and corner crops) that ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from headstart.threads import torch_threads
 
 AUGMENTS = (
     "RandomResizedCrop",
@@ -84,14 +86,16 @@ def augmented(images: np.ndarray, seeds: Sequence[int], spec: Sequence[dict[str,
     """Each image's augmented view, drawn from its own seed; the same shape and dtype as `images`.
 
     torchvision's random transforms draw from torch's global generator, so each image seeds it
-    inside a forked RNG state: the caller's random state is left as it was.
+    inside a forked RNG state: the caller's random state is left as it was. One image's transforms
+    are operations on a few thousand pixels, run on one thread: on two threads they ran 10x slower
+    whenever another process shared the cores.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     pipeline = build_pipeline(spec, size=images.shape[1:3])
     out = np.empty_like(images)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch_threads(1):  # tiny ops: threads would only wait on each other
         for i, seed in enumerate(seeds):
             torch.manual_seed(seed)
             out[i] = _hwc(pipeline(_chw(images[i])), images[i])
@@ -137,3 +141,35 @@ def render(
         rows = np.flatnonzero(view == k)
         out[rows] = tta_view(out[rows], tta_names[-k - 1])
     return out
+
+
+class AugmentedImages:
+    """uint8 training images as `headstart.fit.Inputs` whose batches are augmented afresh every epoch.
+
+    The on-the-fly way (what stored views replace): every epoch shuffles the images and draws a new
+    view of each from the training loop's own generator, so the same seed gives the same batches.
+    Prediction (`in_order`) reads the plain images.
+    """
+
+    def __init__(self, images: np.ndarray, spec: Sequence[dict[str, dict[str, Any]]]):
+        self.images, self.spec = np.asarray(images), list(spec)
+        build_pipeline(self.spec)  # a bad spec is refused before training starts
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.images.shape
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=generator)
+        seeds = torch.randint(1 << 62, (len(self),), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            pixels = augmented(self.images[idx.numpy()], [seeds[j] for j in idx.tolist()], self.spec)
+            yield idx, torch.from_numpy(pixels)
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self), batch_size):
+            yield torch.from_numpy(self.images[i : i + batch_size])

@@ -309,8 +309,17 @@ class AdviseParams(_Section):
     """How the probes read the stored activations."""
 
 
-SweepStrategy = Literal["frozen", "partial", "finetune", "scratch"]
-"""Strategies a sweep cell can train: the train stage's, less `auto` (the sweep compares them all)."""
+SweepStrategy = Literal["frozen", "partial", "finetune", "scratch", "frozen+views", "partial+views"]
+"""Strategies a sweep cell can train: the train stage's, less `auto` (the sweep compares them all); `+views`
+trains the stored strategy on the store's augmented views (extract.views), beside the plain one."""
+VIEWS_SUFFIX = "+views"
+
+
+def base_strategy(strategy: str) -> str:
+    """The training strategy of a sweep strategy: frozen+views trains as frozen, drawing stored views."""
+    return strategy.removesuffix(VIEWS_SUFFIX)
+
+
 BEST_CUT = "best"
 """`sweep.cut` value: the stored cut the advise stage's probe ranks first for the sweep's source."""
 

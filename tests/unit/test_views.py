@@ -20,7 +20,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from headstart.augment import TTA_VIEWS, augmented, render, tta_view
+from headstart.augment import TTA_VIEWS, AugmentedImages, augmented, render, tta_view
 from headstart.backbones import create_model, preprocess
 from headstart.checkpoints import ModelSpec, load_weights
 from headstart.config import ExtractParams, HeadParams, StreamParams
@@ -230,3 +230,20 @@ def test_sigkill_during_view_extraction_resumes_bitwise_equal(tmp_path: Path, we
     keys = b.committed_keys()
     assert np.array_equal(a.read(keys).view(np.uint32), b.read(keys).view(np.uint32))  # bitwise
     assert len(all_images(task)) == 120
+
+
+def test_on_the_fly_augmentation_draws_new_views_each_epoch_from_the_loops_generator() -> None:
+    """The baseline stored views replace (bench/views.py): fresh seeded views every epoch, plain for prediction."""
+    images = make_task(30).train.images
+    inputs = AugmentedImages(images, VIEWS.augment)
+    assert inputs.shape == images.shape and len(inputs) == 18
+    two = _batches(inputs, 0, epochs=2)  # 2 batches an epoch
+    first, second = two[:2], two[2:]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(two, _batches(inputs, 0, epochs=2), strict=True))  # seeded
+    by_image = {int(i): x for idx, xs in first for i, x in zip(idx, xs, strict=True)}
+    later = {int(i): x for idx, xs in second for i, x in zip(idx, xs, strict=True)}
+    assert sorted(by_image) == list(range(18)) and any(not torch.equal(by_image[i], later[i]) for i in range(18))
+    assert all(not torch.equal(by_image[i], torch.from_numpy(images[i])) for i in range(3))
+    np.testing.assert_array_equal(torch.cat(list(inputs.in_order(8))).numpy(), images)
+    with pytest.raises(ValueError, match=r"augment\[0\] RandomRotation"):
+        AugmentedImages(images, [{"RandomRotation": {}}])
