@@ -394,6 +394,17 @@ class Params(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _tta_is_stored(self) -> Params:
+        """A frozen run's test-time views come from the store: refused at load, not after training."""
+        frozen = [n for n, r in self.train.runs.items() if r.strategy in ("frozen", "auto")]
+        if frozen and self.evaluate.tta > self.extract.tta:
+            raise ValueError(
+                f"evaluate.tta is {self.evaluate.tta} and extract.tta {self.extract.tta}: frozen run(s) {frozen} average "
+                f"test-time views from the store; set extract.tta to {self.evaluate.tta} or more"
+            )
+        return self
+
 
 def _format_error(path: Path | str, err: ValidationError) -> str:
     lines = [f"{path}: invalid parameters"]

@@ -61,6 +61,16 @@ def plan(task_data: TaskData, params: ExtractParams) -> ViewRows:
     )  # fmt: skip
 
 
+def describe(rows: ViewRows) -> str:
+    """What a store's rows are, for the log: `120 images + 2 augmented views of 79 + 2 test-time views of 14`."""
+    plain, parts = int((rows.view == PLAIN).sum()), []
+    for kind, sign in (("augmented", 1), ("test-time", -1)):
+        views = np.unique(rows.view[rows.view * sign > 0])
+        if len(views):
+            parts.append(f"{len(views)} {kind} view(s) of {int((rows.view == views[0]).sum())}")
+    return " + ".join([f"{plain} images", *parts])
+
+
 def fill_store(
     store: FeatureStore, rows: ViewRows, images: np.ndarray, net: StagedNet, weights: SourceWeights,
     cuts: list[str], params: ExtractParams, on_chunk: Callable[[int], None] | None,
@@ -137,8 +147,8 @@ def extract(
     seconds = time.perf_counter() - started
     unique = len(set(map(bytes, rows.keys)))
     run_logger().info(
-        "extract %s at %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s, %s runner on %s)",
-        weights.source, ", ".join(cuts), unique, unique - computed, store.path, computed, seconds,
+        "extract %s at %s: %d rows (%s), %d reused from %s, %d computed in %.1f s (%.0f rows/s, %s runner on %s)",
+        weights.source, ", ".join(cuts), unique, describe(rows), unique - computed, store.path, computed, seconds,
         computed / seconds if computed and seconds > 0 else 0.0, params.runner, resolve_device(params.device),
     )  # fmt: skip
     return ExtractRecord(

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from headstart.augment import TTA_VIEWS, AugmentedImages, augmented, render, tta_view
 from headstart.backbones import create_model, preprocess
 from headstart.checkpoints import ModelSpec, load_weights
-from headstart.config import ExtractParams, HeadParams, StreamParams
+from headstart.config import ExtractParams, HeadParams, ParamsError, StreamParams, load_params, parse_params
 from headstart.datasets import Split
 from headstart.fingerprint import row_keys
 from headstart.heads import make_head
@@ -247,3 +247,14 @@ def test_on_the_fly_augmentation_draws_new_views_each_epoch_from_the_loops_gener
     np.testing.assert_array_equal(torch.cat(list(inputs.in_order(8))).numpy(), images)
     with pytest.raises(ValueError, match=r"augment\[0\] RandomRotation"):
         AugmentedImages(images, [{"RandomRotation": {}}])
+
+
+def test_evaluate_tta_beyond_the_stored_views_is_refused_when_params_load() -> None:
+    raw = load_params(REPO / "params.yaml").model_dump(mode="json")
+    bad = {**raw, "evaluate": {**raw["evaluate"], "tta": 2}}  # params.yaml's frozen runs, extract.tta 0
+    with pytest.raises(ParamsError, match=r"evaluate.tta is 2 and extract.tta 0: frozen run\(s\) .*set extract.tta"):
+        parse_params(bad, "params.yaml")
+    fine = {**bad, "extract": {**raw["extract"], "tta": 2}}
+    assert parse_params(fine, "params.yaml").evaluate.tta == 2
+    only_finetune = {**bad, "train": {**raw["train"], "runs": {"f": {"source": "fmnist", "strategy": "finetune"}}}}
+    assert parse_params(only_finetune, "params.yaml").evaluate.tta == 2  # runs its network on the views
