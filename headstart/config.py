@@ -400,8 +400,8 @@ class Params(_Section):
         frozen = [n for n, r in self.train.runs.items() if r.strategy in ("frozen", "auto")]
         if frozen and self.evaluate.tta > self.extract.tta:
             raise ValueError(
-                f"evaluate.tta is {self.evaluate.tta} and extract.tta {self.extract.tta}: frozen run(s) {frozen} average "
-                f"test-time views from the store; set extract.tta to {self.evaluate.tta} or more"
+                f"evaluate.tta is {self.evaluate.tta} and extract.tta {self.extract.tta}: frozen run(s) {frozen} "
+                f"average test-time views from the store; set extract.tta to {self.evaluate.tta} or more"
             )
         return self
 
