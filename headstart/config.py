@@ -216,6 +216,18 @@ class FeatureAugmentParams(_Section):
     """Scale each channel about its mean by a draw in 1 +- contrast."""
 
 
+class FinetuneParams(_Section):
+    """How a finetune run starts from the pretrained network: the new head first, then every layer (fastai's
+    `fine_tune`). A random head's first gradients otherwise flow into the pretrained layers and wreck them: on a
+    200-photo folder, finetune all at once scored 40.5% on test where the frozen head scored 100%."""
+
+    head_first: bool = True
+    """Train the new head on the frozen body first, as a frozen run trains it (train.frozen; on the store's
+    activations at the body's last cut when it holds them, else through the frozen body), then unfreeze."""
+    body_lr: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """Once unfrozen, the pretrained layers train at this share of end_to_end.lr; the head at the full rate."""
+
+
 class StreamParams(_Section):
     """How a head reads stored activations: loaded whole, or streamed from the store a chunk at a time.
 
@@ -258,6 +270,8 @@ class TrainParams(_Section):
     """The head trained on stored features."""
     end_to_end: OptimParams = OptimParams(epochs=6, batch_size=128, lr=1e-3, patience=2)
     """Fine-tune and scratch: the whole network trains on images."""
+    finetune: FinetuneParams = FinetuneParams()
+    """How finetune starts from the pretrained weights: the head first, then the body at a lower rate."""
     partial: OptimParams = OptimParams(epochs=10, batch_size=128, lr=1e-3, patience=3)
     """The source layers above the cut plus the head, trained on the stored activations at the cut."""
     seed: int = 0

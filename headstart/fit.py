@@ -169,11 +169,15 @@ def fit(
     on_epoch: EpochCallback | None = None,
     class_weights: Sequence[float] | None = None,
     train_augment: Transform | None = None,
+    lr_shares: Sequence[tuple[Sequence[nn.Parameter], float]] | None = None,
 ) -> FitResult:
     """Train the parameters of `model` that require grad; return the per-epoch history.
 
     `train_augment` changes training batches only, after `transform` (feature-space augmentation of
     stored activations: headstart.feature_augment); validation and prediction never see it.
+
+    `lr_shares` trains groups of parameters at shares of `optim.lr` (discriminative rates: a pretrained
+    body slower than its new head); None trains every parameter that requires grad at `optim.lr`.
 
     `class_weights` weigh each class's term of the training and validation loss (an unbalanced
     folder: `inverse_frequency`); None weighs every image the same.
@@ -198,7 +202,12 @@ def fit(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
-    optimizer = torch.optim.Adam(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+    groups = [{"params": trainable, "lr": optim.lr}] if lr_shares is None else [
+        {"params": kept, "lr": optim.lr * share}
+        for params, share in lr_shares
+        if (kept := [p for p in params if p.requires_grad])
+    ]  # fmt: skip
+    optimizer = torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, {}

@@ -46,9 +46,33 @@ def optim_of(strategy: str, params: TrainParams) -> OptimParams:
 
 def recipe_of(strategy: str, params: TrainParams, class_weights: tuple[float, ...] | None = None) -> Recipe:
     """The head, optimiser, seed, device and class weights a strategy trains with under this train section."""
+    body_lr = params.finetune.body_lr if strategy == "finetune" else 1.0
     return Recipe(
-        params.head, optim_of(strategy, params), params.seed, params.device, class_weights, params.feature_augment
-    )
+        params.head, optim_of(strategy, params), params.seed, params.device, class_weights, params.feature_augment,
+        body_lr,
+    )  # fmt: skip
+
+
+def head_first(
+    strategy: str, params: TrainParams, class_weights: tuple[float, ...] | None, source_net: StagedNet,
+    extract_record: ExtractRecord | None, target: TaskData,
+) -> tuple[Recipe, Features | None] | None:  # fmt: skip
+    """finetune's first phase (train.finetune.head_first): a frozen run's recipe, on the stored activations at the
+    body's last cut when the store holds them (else None: through the frozen body)."""
+    if strategy != "finetune" or not params.finetune.head_first:
+        return None
+    last, features = source_net.cut_names[-1], None
+    if extract_record is not None and last in extract_record.taps:
+        features = (
+            stored_rows(extract_record, target.train.images, last, params.stream),
+            stored_rows(extract_record, target.val.images, last, params.stream),
+        )
+    else:
+        run_logger().warning(
+            "finetune's head-first phase runs through the frozen body: the store does not hold its last cut %r "
+            "(add it to the source's taps to train that phase on stored activations)", last,
+        )  # fmt: skip
+    return recipe_of("frozen", params, class_weights), features
 
 
 def choice(run: RunParams, source: SourceParams, advice: AdviseRecord | None) -> tuple[str, str, str]:
@@ -77,6 +101,7 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
         "stream": params.stream.model_dump(mode="json"),
         "views": params.views,
         "feature_augment": params.feature_augment.model_dump(mode="json"),
+        "finetune": params.finetune.model_dump(mode="json"),
     }
 
 
@@ -180,11 +205,13 @@ def class_weights_of(params: TrainParams, target: TaskData) -> tuple[float, ...]
 def train_outcome(
     run: RunParams, strategy: str, cut: str, upper_init: str, source_net: StagedNet, weights: SourceWeights,
     target: TaskData, features: Features | None, params: TrainParams, class_weights: tuple[float, ...] | None,
+    extract_record: ExtractRecord | None,
 ) -> Outcome:  # fmt: skip
     """Train the strategy, and scratch beside it when a baseline is asked for; keep the one the rule says."""
+    first = head_first(strategy, params, class_weights, source_net, extract_record, target)
     trained = train_strategy(
         strategy, source_net, weights.arch, target, weights.preprocess, recipe_of(strategy, params, class_weights),
-        cut, features, upper_init, tracking.log_epoch,
+        cut, features, upper_init, tracking.log_epoch, first,
     )  # fmt: skip
     baseline = None
     if needs_baseline(run.strategy, run.baseline, strategy):
@@ -266,8 +293,9 @@ def train(
     with tracking.training_run(run_name, run_params(run, source, params, optim_of(strategy, params)), tags):
         tracking.log_data_lineage(task_meta)
         outcome = train_outcome(
-            run, strategy, cut, upper_init, source_network(weights), weights, target, features, params, class_weights
-        )
+            run, strategy, cut, upper_init, source_network(weights), weights, target, features, params, class_weights,
+            extract_record,
+        )  # fmt: skip
         _log_outcome(run_name, run, strategy, outcome)
         temperature, reject_below = calibrate(outcome.kept, target, weights, cut, features, params)
         spec = model_spec(outcome.kept, weights, target, task_meta, params, temperature, reject_below)
