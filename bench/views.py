@@ -1,4 +1,4 @@
-"""Benchmark 12: augmentation that survives precompute. Stored views against on-the-fly augmentation.
+"""Benchmark 13: augmentation that survives precompute. Stored views against on-the-fly augmentation.
 
 The notes' experiment: a CNN pretrained on FMNIST-2 (here by the pretrain stage's own function),
 frozen at its cut, and a new head for FMNIST-1 trained on 5% and 25% of its training split. Per
@@ -114,7 +114,7 @@ def case(ws: Workspace, source: SourceWeights, fraction: float, ks: tuple[int, i
     recipe = Recipe(ws.params.train.head, optim, ws.params.train.seed, "cpu")
     base = ExtractParams(**{**ws.params.extract.model_dump(), "views": 0})
     root = ws.root / "features" / f"views-{n_train}"
-    label = f"12. views, FMNIST-1 {fraction:.0%} ({n_train} img), {source.arch}@{source.cut}, {epochs} epochs"
+    label = f"13. views, FMNIST-1 {fraction:.0%} ({n_train} img), {source.arch}@{source.cut}, {epochs} epochs"
 
     plain, plain_s = ws.extract(source, data_dir, meta, root, params=base)
     acc0, head_s = timed(lambda: stored_side(ws, plain, task, recipe, views=False))
@@ -145,7 +145,7 @@ def case(ws: Workspace, source: SourceWeights, fraction: float, ks: tuple[int, i
 
 def run(ws: Workspace) -> list[Row]:
     if not ws.has_fmnist and not ws.quick:
-        return [Row("12. views", skipped=f"needs real Fashion-MNIST at {ws.fmnist_dir}")]
+        return [Row("13. views", skipped=f"needs real Fashion-MNIST at {ws.fmnist_dir}")]
     source = pretrained_source(ws)
     ks = (1, 2) if ws.quick else (4, 8)
     return [row for fraction in (0.05, 0.25) for row in case(ws, source, fraction, ks)]
