@@ -82,9 +82,11 @@ class FitResult:
     history: list[dict[str, float]]
     """One entry per epoch run: epoch (1-based), train/val loss and accuracy, seconds."""
     best_epoch: int
-    """The epoch whose weights the model holds after `fit` (lowest validation loss)."""
+    """The epoch whose weights the model holds after `fit` (lowest validation loss); 0: the starting weights."""
     seconds: float
     stopped_early: bool = False
+    start: dict[str, float] | None = None
+    """Validation metrics of the starting weights, when they were a candidate (`keep_start`)."""
 
     @property
     def epochs(self) -> int:
@@ -92,6 +94,8 @@ class FitResult:
 
     @property
     def best(self) -> dict[str, float]:
+        if self.best_epoch == 0 and self.start is not None:
+            return self.start
         return self.history[self.best_epoch - 1]
 
 
@@ -170,6 +174,7 @@ def fit(
     class_weights: Sequence[float] | None = None,
     train_augment: Transform | None = None,
     lr_shares: Sequence[tuple[Sequence[nn.Parameter], float]] | None = None,
+    keep_start: bool = False,
 ) -> FitResult:
     """Train the parameters of `model` that require grad; return the per-epoch history.
 
@@ -178,6 +183,9 @@ def fit(
 
     `lr_shares` trains groups of parameters at shares of `optim.lr` (discriminative rates: a pretrained
     body slower than its new head); None trains every parameter that requires grad at `optim.lr`.
+
+    `keep_start` makes the starting weights a candidate too (scored on validation first): a network that
+    already fits (finetune after its head-first phase) is never handed back worse on validation.
 
     `class_weights` weigh each class's term of the training and validation loss (an unbalanced
     folder: `inverse_frequency`); None weighs every image the same.
@@ -210,7 +218,11 @@ def fit(
     optimizer = torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, {}
+    best_loss, best_epoch, best_state, begun = float("inf"), 0, {}, None
+    if keep_start:
+        loss, acc = _evaluate(model, x_val, y_val, optim.batch_size, transform, device, weight)
+        begun = {"epoch": 0, "val_loss": loss, "val_accuracy": acc}
+        best_loss, best_state = loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
     n = len(x_train)
     epochs = tqdm(range(1, optim.epochs + 1), desc="epochs", unit="epoch", disable=None)
@@ -252,4 +264,6 @@ def fit(
     model.load_state_dict(best_state)
     model.eval()
     stopped = len(history) < optim.epochs
-    return FitResult(history=history, best_epoch=best_epoch, seconds=time.perf_counter() - start, stopped_early=stopped)
+    return FitResult(
+        history=history, best_epoch=best_epoch, seconds=time.perf_counter() - start, stopped_early=stopped, start=begun
+    )

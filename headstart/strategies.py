@@ -108,9 +108,17 @@ def end_to_end_net(
 
 
 def train_end_to_end(
-    net: StagedNet, target: TaskData, pre: Preprocess, recipe: Recipe, on_epoch: EpochCallback | None = None
+    net: StagedNet,
+    target: TaskData,
+    pre: Preprocess,
+    recipe: Recipe,
+    on_epoch: EpochCallback | None = None,
+    keep_start: bool = False,
 ) -> FitResult:
-    """Train every parameter of `net` that requires grad on the target's images (the body at `recipe.body_lr`)."""
+    """Train every parameter of `net` that requires grad on the target's images (the body at `recipe.body_lr`).
+
+    `keep_start`: the starting network is a candidate too (finetune after its head-first phase is never
+    handed back worse on validation than that phase left it)."""
     head = list(net.stages[CLASSIFIER].parameters())
     ids = {id(p) for p in head}
     body = [p for p in net.parameters() if id(p) not in ids]
@@ -125,6 +133,7 @@ def train_end_to_end(
         on_epoch=on_epoch,
         class_weights=recipe.class_weights,
         lr_shares=None if recipe.body_lr == 1.0 else [(body, recipe.body_lr), (head, 1.0)],
+        keep_start=keep_start,
     )
 
 
@@ -263,9 +272,11 @@ def train_strategy(
         result = train_partial(net, cut, train_xy, val_xy, recipe, on_epoch)
         return Trained(strategy, net, net.cut_names[-1], result)
     net = end_to_end_net(source_net, arch, strategy, target.num_classes, recipe.head, pre, recipe.seed)
-    if strategy == "finetune" and head_first is not None:
+    first = strategy == "finetune" and head_first is not None
+    if first:
         train_head_first(net, target, pre, *head_first)
-    return Trained(strategy, net, net.cut_names[-1], train_end_to_end(net, target, pre, recipe, on_epoch))
+    result = train_end_to_end(net, target, pre, recipe, on_epoch, keep_start=first)
+    return Trained(strategy, net, net.cut_names[-1], result)
 
 
 def val_logits(

@@ -138,6 +138,8 @@ def history(outcome: Outcome) -> dict:
     """history.json: the kept network's epochs, and the baseline's when there was one (content only: no timings)."""
     result = outcome.kept.result
     out = {"best_epoch": result.best_epoch, "epochs": result.epochs, "history": epochs(result)}
+    if result.start is not None:  # finetune after its head-first phase: epoch 0 is that phase's network
+        out["start"] = result.start
     if outcome.baseline is not None:
         out["baseline"] = {"best_epoch": outcome.baseline.result.best_epoch, "history": epochs(outcome.baseline.result)}
     return out
