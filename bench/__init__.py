@@ -14,5 +14,6 @@ BENCHMARKS = (
     "threads",
     "streaming",
     "head_grid",
+    "views",
 )
 """Module names under bench/ in table order, each with `NAME` and `run(workspace) -> list[Row]`."""

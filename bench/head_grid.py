@@ -56,7 +56,7 @@ def case(ws: Workspace, record: ExtractRecord, task: TaskData, mode: str) -> Row
 
     def once(rep: int) -> dict[str, float]:
         _, one_s = timed(one_head)
-        grid, grid_s = timed(lambda: train_grid(cells, read, labels, task.num_classes, recipe.seed, recipe.device))
+        grid, grid_s = timed(lambda: train_grid(cells, read, labels, task.num_classes, recipe))
         return {"one": one_s, "grid": grid_s, "ratio": grid_s / one_s, "acc": grid.kept.result.best["val_accuracy"]}
 
     one_head()  # untimed: a process's first read and training pay one-off costs (imports, allocations)

@@ -88,15 +88,19 @@ def summary_markdown(result: dict[str, Any]) -> str:
             f"MLflow run {_link((source['mlflow_run_id'] or '-')[:12], source.get('mlflow_url'))})"
         )
         lines.append("")
+    tta = any(run.get("tta_accuracy") is not None for run in result["runs"].values())  # evaluate.tta
     lines.append(
-        "| run | source | strategy | target test accuracy | balanced accuracy | macro-F1 | registered | MLflow run |"
+        "| run | source | strategy | target test accuracy | balanced accuracy | macro-F1 | "
+        + ("with TTA | " if tta else "")
+        + "registered | MLflow run |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|" + ("---|" if tta else ""))
     for name, run in result["runs"].items():
         mlflow_run = _link(run["mlflow_run_id"][:12], run.get("mlflow_url")) if run.get("mlflow_run_id") else "-"
+        with_tta = f" {run['tta_accuracy']:.2%} |" if run.get("tta_accuracy") is not None else " - |" if tta else ""
         lines.append(
             f"| {name} | {run['source']} | {run['strategy']} | {run['test_accuracy']:.2%} "
-            f"| {run['balanced_accuracy']:.2%} | {run['macro_f1']:.3f} | {_version(run)} | {mlflow_run} |"
+            f"| {run['balanced_accuracy']:.2%} | {run['macro_f1']:.3f} |{with_tta} {_version(run)} | {mlflow_run} |"
         )
     lines.append("")
     lines += _strategy_notes(result["runs"])

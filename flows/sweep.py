@@ -17,7 +17,7 @@ from flows.layout import Layout
 from flows.stages import Runner, prefect_runner, upstream
 from headstart import tracking
 from headstart.caching import run_logger, stage_key
-from headstart.config import BEST_CUT, STORED, Params, SweepParams
+from headstart.config import BEST_CUT, STORED, Params, SweepParams, base_strategy
 from headstart.records import AdviseRecord, ExtractRecord, SourceWeights, TaskMeta
 from tasks.sweep import sweep, sweep_cut
 from tasks.sweep_report import sweep_report
@@ -33,7 +33,7 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, with_upstream: bool =
     """Bring the inputs up to date (unless DVC did, `with_upstream=False`), run every cell, write the report."""
     log = run_logger()
     sw, train = params.sweep, params.train
-    on_features = any(s in STORED for s in sw.strategies)
+    on_features = any(base_strategy(s) in STORED for s in sw.strategies)
     best = on_features and sw.cut == BEST_CUT
     if with_upstream:
         upstream(params, lay, runner, [sw.source] if on_features else [], [sw.source] if best else [])
@@ -71,13 +71,13 @@ def run_sweep(params: Params, lay: Layout, runner: Runner, with_upstream: bool =
                     strategy=strategy,
                     fraction=fraction,
                     seed=seed,
-                    cut=cut if strategy in STORED else None,
+                    cut=cut if base_strategy(strategy) in STORED else None,
                     head=train.head,
-                    optim=optim_of(strategy, train),
+                    optim=optim_of(base_strategy(strategy), train),
                     device=train.device,
                     stream=train.stream,
                     weights=weights,
-                    extract_record=extract_record if strategy in STORED else None,
+                    extract_record=extract_record if base_strategy(strategy) in STORED else None,
                     task_meta=task_meta,
                     data_dir=lay.data,
                     out_dir=lay.sweep_cells,

@@ -45,6 +45,11 @@ def softmax(logits: torch.Tensor | np.ndarray, temperature: float = 1.0) -> np.n
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float32) / temperature, dim=1).numpy()
 
 
+def averaged_probabilities(logit_sets: list[torch.Tensor], temperature: float = 1.0) -> np.ndarray:
+    """Test-time augmentation: each image's calibrated probabilities averaged over its views (the plain one first)."""
+    return np.mean([softmax(logits, temperature) for logits in logit_sets], axis=0)
+
+
 def rejection_threshold(probs: np.ndarray, share: float) -> float:
     """The calibrated confidence below which an image is answered "none": `share` of these images fall under it.
 

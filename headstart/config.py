@@ -22,6 +22,16 @@ StoreCodec = Literal["none", "lz4", "zstd-1", "zstd-3"]
 StoreDtype = Literal["float32", "float16"]
 """The stored activations' type: float16 halves the disk and the write, rounding each value (provenance: in the key)."""
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+AugmentName = Literal[
+    "RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRotation", "RandomAffine",
+    "ColorJitter", "RandomErasing",
+]  # fmt: skip
+"""torchvision.transforms.v2 classes an augmented view may use (headstart.augment.AUGMENTS)."""
+DEFAULT_AUGMENT: list[dict[str, dict[str, Any]]] = [
+    {"RandomResizedCrop": {"scale": [0.8, 1.0], "ratio": [0.9, 1.1]}},
+    {"RandomHorizontalFlip": {}},
+    {"RandomRotation": {"degrees": 10}},
+]
 AUTO_CUT = "auto"
 STORED = ("frozen", "partial")
 """Strategies that train on the extract stage's stored activations."""
@@ -167,6 +177,22 @@ class ExtractParams(_Section):
     """float32: the forward pass's values, bitwise. float16: half the bytes, values rounded to float16 (readers
     get them back as float32); it is provenance, so a float16 store has a key of its own. A source whose
     activations exceed float16's range (65504) is refused: store it as float32."""
+    views: Annotated[int, Field(ge=0, le=64)] = 0
+    """Augmented views stored per training image besides its plain row (0: none); `train.views: use` trains on
+    them. Each is drawn from `augment` with a seed of its own and keyed by image, index and spec (headstart.views),
+    so raising it computes only the new views and a changed `augment` recomputes views, never plain rows."""
+    augment: list[dict[AugmentName, dict[str, Any]]] = DEFAULT_AUGMENT
+    """The pipeline drawing each view: torchvision.transforms.v2 names and their arguments, applied in order."""
+    tta: Annotated[int, Field(ge=0, le=9)] = 0
+    """Deterministic test-time views stored per test image (flip, corner crops: headstart.augment.TTA_VIEWS), so
+    `evaluate.tta` averages a frozen run's predictions over them without running the backbone again."""
+
+    @model_validator(mode="after")
+    def _augment_builds(self) -> ExtractParams:
+        for i, item in enumerate(self.augment):
+            if len(item) != 1:
+                raise ValueError(f"augment[{i}]: expected one {{name: arguments}} pair, got {sorted(item)}")
+        return self  # the arguments are checked where the pipeline is built (the extract stage, headstart.augment)
 
 
 class HeadParams(_Section):
@@ -175,6 +201,31 @@ class HeadParams(_Section):
     hidden: list[Annotated[int, Field(ge=1)]] = []
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     init: HeadInit = "kaiming"
+
+
+class FeatureAugmentParams(_Section):
+    """Feature-space augmentation of stored spatial activations while a head trains (headstart.feature_augment)."""
+
+    flip: bool = False
+    """Mirror each map left-right with probability 1/2."""
+    crop: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    """Pad each side by this share of the map (edges replicated), then crop back to its size at a random offset."""
+    brightness: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    """Shift each channel by a draw in +-brightness times that channel's spread over the map."""
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Scale each channel about its mean by a draw in 1 +- contrast."""
+
+
+class FinetuneParams(_Section):
+    """How a finetune run starts from the pretrained network: the new head first, then every layer (fastai's
+    `fine_tune`). A random head's first gradients otherwise flow into the pretrained layers and wreck them: on a
+    200-photo folder, finetune all at once scored 40.5% on test where the frozen head scored 100%."""
+
+    head_first: bool = True
+    """Train the new head on the frozen body first, as a frozen run trains it (train.frozen; on the store's
+    activations at the body's last cut when it holds them, else through the frozen body), then unfreeze."""
+    body_lr: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """Once unfrozen, the pretrained layers train at this share of end_to_end.lr; the head at the full rate."""
 
 
 class StreamParams(_Section):
@@ -257,6 +308,8 @@ class TrainParams(_Section):
     """The head trained on stored features."""
     end_to_end: OptimParams = OptimParams(epochs=6, batch_size=128, lr=1e-3, patience=2)
     """Fine-tune and scratch: the whole network trains on images."""
+    finetune: FinetuneParams = FinetuneParams()
+    """How finetune starts from the pretrained weights: the head first, then the body at a lower rate."""
     partial: OptimParams = OptimParams(epochs=10, batch_size=128, lr=1e-3, patience=3)
     """The source layers above the cut plus the head, trained on the stored activations at the cut."""
     seed: int = 0
@@ -267,6 +320,11 @@ class TrainParams(_Section):
     """Answer "none" below a calibrated confidence that rejects this share of the validation images; None: never."""
     stream: StreamParams = StreamParams()
     """How frozen and partial runs (and the sweep's cells) read the stored activations."""
+    feature_augment: FeatureAugmentParams = FeatureAugmentParams()
+    """Frozen and partial runs: cheap random changes to the stored activation maps of each training batch (FroFA)."""
+    views: Literal["use", "ignore"] = "use"
+    """use: frozen and partial runs draw, per image and epoch, its plain row or one of the store's augmented views
+    (extract.views), seeded; ignore: the plain rows only. Without stored views both are the plain training."""
 
     @field_validator("runs")
     @classmethod
@@ -279,6 +337,9 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     register_as: str = "fmnist-transfer"
+    tta: Annotated[int, Field(ge=0, le=9)] = 0
+    """Test-time augmentation: also report accuracy with each test image's probabilities averaged over its plain
+    form and its first N deterministic views (a frozen run reads them from the store: extract.tta >= N)."""
     stream: StreamParams = StreamParams()
     """How a frozen run's stored test activations are read (predictions do not depend on it)."""
 
@@ -300,8 +361,17 @@ class AdviseParams(_Section):
     """How the probes read the stored activations."""
 
 
-SweepStrategy = Literal["frozen", "partial", "finetune", "scratch"]
-"""Strategies a sweep cell can train: the train stage's, less `auto` (the sweep compares them all)."""
+SweepStrategy = Literal["frozen", "partial", "finetune", "scratch", "frozen+views", "partial+views"]
+"""Strategies a sweep cell can train: the train stage's, less `auto` (the sweep compares them all); `+views`
+trains the stored strategy on the store's augmented views (extract.views), beside the plain one."""
+VIEWS_SUFFIX = "+views"
+
+
+def base_strategy(strategy: str) -> str:
+    """The training strategy of a sweep strategy: frozen+views trains as frozen, drawing stored views."""
+    return strategy.removesuffix(VIEWS_SUFFIX)
+
+
 BEST_CUT = "best"
 """`sweep.cut` value: the stored cut the advise stage's probe ranks first for the sweep's source."""
 
@@ -376,6 +446,17 @@ class Params(_Section):
                         f"train.runs.{name}.{key} holds {cut!r}; source {run.source!r} stores {stored} "
                         f"(add it to sources.{run.source}.taps)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _tta_is_stored(self) -> Params:
+        """A frozen run's test-time views come from the store: refused at load, not after training."""
+        frozen = [n for n, r in self.train.runs.items() if r.strategy in ("frozen", "auto")]
+        if frozen and self.evaluate.tta > self.extract.tta:
+            raise ValueError(
+                f"evaluate.tta is {self.evaluate.tta} and extract.tta {self.extract.tta}: frozen run(s) {frozen} "
+                f"average test-time views from the store; set extract.tta to {self.evaluate.tta} or more"
+            )
         return self
 
 

@@ -82,9 +82,11 @@ class FitResult:
     history: list[dict[str, float]]
     """One entry per epoch run: epoch (1-based), train/val loss and accuracy, seconds."""
     best_epoch: int
-    """The epoch whose weights the model holds after `fit` (lowest validation loss)."""
+    """The epoch whose weights the model holds after `fit` (lowest validation loss); 0: the starting weights."""
     seconds: float
     stopped_early: bool = False
+    start: dict[str, float] | None = None
+    """Validation metrics of the starting weights, when they were a candidate (`keep_start`)."""
     diverged: bool = False
     """Its validation loss stopped being finite (`fit_many(stop_diverged=True)`); the best finite epoch is kept."""
 
@@ -94,6 +96,8 @@ class FitResult:
 
     @property
     def best(self) -> dict[str, float]:
+        if self.best_epoch == 0 and self.start is not None:
+            return self.start
         return self.history[self.best_epoch - 1]
 
 
@@ -184,6 +188,10 @@ def _set_rng_state(state: RngState, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+LrShares = Sequence[tuple[Sequence[nn.Parameter], float]]
+"""Groups of parameters and the share of the learning rate each trains at."""
+
+
 class _Learner:
     """One model's training in a shared loop: its Adam, its random stream, its early stopping and best epoch.
 
@@ -191,17 +199,31 @@ class _Learner:
     own steps: its dropout draws are those it would make trained alone, whatever the other models draw.
     """
 
-    def __init__(self, model: nn.Module, optim: OptimParams, on_epoch: EpochCallback | None, device: torch.device):
+    def __init__(
+        self, model: nn.Module, optim: OptimParams, on_epoch: EpochCallback | None, device: torch.device,
+        lr_shares: LrShares | None = None,
+    ):  # fmt: skip
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
         self.model, self.optim, self.on_epoch, self.device = model.to(device), optim, on_epoch, device
-        self.optimizer = torch.optim.Adam(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+        groups = [{"params": trainable, "lr": optim.lr}] if lr_shares is None else [
+            {"params": kept, "lr": optim.lr * share}
+            for params, share in lr_shares
+            if (kept := [p for p in params if p.requires_grad])
+        ]  # fmt: skip
+        self.optimizer = torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
         self.rng = _rng_state(device)
         self.history: list[dict[str, float]] = []
         self.best_loss, self.best_epoch, self.best_state = float("inf"), 0, {}
+        self.start: dict[str, float] | None = None
         self.loss_sum, self.correct = 0.0, 0
         self.active, self.diverged, self.seconds = True, False, 0.0
+
+    def keep_start(self, val: tuple[float, float]) -> None:
+        """The starting weights as the best so far, scored on validation (`val`: loss, accuracy)."""
+        self.start = {"epoch": 0, "val_loss": val[0], "val_accuracy": val[1]}
+        self.best_loss, self.best_state = val[0], {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def start_epoch(self) -> None:
         _train_mode(self.model)
@@ -250,7 +272,9 @@ class _Learner:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         stopped = len(self.history) < self.optim.epochs
-        return FitResult(self.history, self.best_epoch, self.seconds, stopped_early=stopped, diverged=self.diverged)
+        return FitResult(
+            self.history, self.best_epoch, self.seconds, stopped_early=stopped, start=self.start, diverged=self.diverged
+        )
 
 
 def fit(
@@ -263,8 +287,20 @@ def fit(
     transform: Transform | None = None,
     on_epoch: EpochCallback | None = None,
     class_weights: Sequence[float] | None = None,
+    train_augment: Transform | None = None,
+    lr_shares: LrShares | None = None,
+    keep_start: bool = False,
 ) -> FitResult:
     """Train the parameters of `model` that require grad; return the per-epoch history.
+
+    `train_augment` changes training batches only, after `transform` (feature-space augmentation of
+    stored activations: headstart.feature_augment); validation and prediction never see it.
+
+    `lr_shares` trains groups of parameters at shares of `optim.lr` (discriminative rates: a pretrained
+    body slower than its new head); None trains every parameter that requires grad at `optim.lr`.
+
+    `keep_start` makes the starting weights a candidate too (scored on validation first): a network that
+    already fits (finetune after its head-first phase) is never handed back worse on validation.
 
     `class_weights` weigh each class's term of the training and validation loss (an unbalanced
     folder: `inverse_frequency`); None weighs every image the same.
@@ -272,7 +308,10 @@ def fit(
     `model` must already be built and initialised (seed before building it); `seed` here drives
     the shuffling and dropout, so the same inputs and seed give the same history on CPU.
     """
-    return fit_many([model], train, val, [optim], seed, device, transform, [on_epoch], class_weights)[0]
+    return fit_many(
+        [model], train, val, [optim], seed, device, transform, [on_epoch], class_weights, train_augment,
+        [lr_shares], keep_start,
+    )[0]  # fmt: skip
 
 
 def fit_many(
@@ -285,6 +324,9 @@ def fit_many(
     transform: Transform | None = None,
     on_epoch: Sequence[EpochCallback | None] | None = None,
     class_weights: Sequence[float] | None = None,
+    train_augment: Transform | None = None,
+    lr_shares: Sequence[LrShares | None] | None = None,
+    keep_start: bool = False,
     stop_diverged: bool = False,
 ) -> list[FitResult]:
     """Train several models on the same rows in one pass: each batch (and validation batch) is read once.
@@ -293,8 +335,10 @@ def fit_many(
     shuffle, seeded with `seed`), its own Adam with its own `optims` entry, its own dropout stream
     seeded with `seed`, its own early stopping on validation loss and its best epoch restored. The
     loop runs while any model trains; a stopped model is no longer stepped. The optimisers must share
-    one batch size (the batch is shared). With `stop_diverged`, a model whose validation loss is not
-    finite stops (`FitResult.diverged`, its best finite epoch kept) instead of failing every model.
+    one batch size (the batch is shared), and so does `train_augment`'s draw (it draws from a
+    generator of its own, once a batch, as it would for each model alone). With `stop_diverged`, a
+    model whose validation loss is not finite stops (`FitResult.diverged`, its best finite epoch
+    kept) instead of failing every model. See `fit` for the other arguments.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     if not models or len(models) != len(optims):
@@ -314,10 +358,14 @@ def fit_many(
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    callbacks = on_epoch or [None] * len(models)
-    learners = [_Learner(m, o, cb, device) for m, o, cb in zip(models, optims, callbacks, strict=True)]
+    callbacks, shares = on_epoch or [None] * len(models), lr_shares or [None] * len(models)
+    learners = [_Learner(m, o, cb, device, sh) for m, o, cb, sh in zip(models, optims, callbacks, shares, strict=True)]
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     batch_size, n = batch_sizes.pop(), len(x_train)
+    if keep_start:
+        starts = _logits_of([learner.model for learner in learners], x_val, batch_size, transform, device)
+        for learner, val_logits in zip(learners, starts, strict=True):
+            learner.keep_start(_scores(val_logits, y_val, weight))
     start = time.perf_counter()
     most = max(o.epochs for o in optims)
     epochs = tqdm(range(1, most + 1), desc="epochs", unit="epoch", disable=None)
@@ -331,6 +379,8 @@ def fit_many(
         total = -(-n // batch_size)
         for idx, x in tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
             xb, yb = _prepared(x, transform, device), y_train[idx].to(device)
+            if train_augment is not None:
+                xb = train_augment(xb)
             for learner in active:
                 learner.step(xb, yb, weight)
         logits = _logits_of([learner.model for learner in active], x_val, batch_size, transform, device)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from headstart.config import Device, GridParams, HeadParams, OptimParams
+from headstart.config import GridParams, HeadParams, OptimParams
 from headstart.fit import FitResult, fit_many
-from headstart.strategies import Features, Labelled, seeded_head
+from headstart.strategies import Features, Labelled, Recipe, seeded_head
 from headstart.threads import head_threads, torch_threads
 
 LOGREG_HEAD = HeadParams(hidden=[], dropout=0.0, init="zeros")
@@ -83,7 +83,7 @@ class CellResult:
     @property
     def score(self) -> tuple[float, float] | None:
         """(validation accuracy, validation loss) at its best epoch; None when no epoch had a finite loss."""
-        if self.result.best_epoch == 0:
+        if self.result.best_epoch == 0 and self.result.start is None:
             return None
         return self.result.best["val_accuracy"], self.result.best["val_loss"]
 
@@ -117,24 +117,25 @@ def train_cells(
     train: Labelled,
     val: Labelled,
     num_classes: int,
-    seed: int,
-    device: Device = "auto",
-    class_weights: tuple[float, ...] | None = None,
+    recipe: Recipe,
 ) -> list[CellResult]:
     """The cells of one cut trained together on its activations, each head seeded as `train_frozen_head` seeds one.
 
-    With more than one cell, a cell whose validation loss diverges stops alone; one cell fails as a single head does.
+    `recipe` is the run's frozen recipe: its seed, device, class weights and feature augmentation apply
+    to every cell, each with its own head and optimiser. With more than one cell, a cell whose
+    validation loss diverges stops alone; one cell fails as a single head does.
     """
-    heads = [seeded_head(train[0], num_classes, cell.head, seed) for cell in cells]
+    heads = [seeded_head(train[0], num_classes, cell.head, recipe.seed) for cell in cells]
     with torch_threads(head_threads()):  # bitwise the same at any count: fitted to the idle cores
         results = fit_many(
             heads,
             train,
             val,
             [cell.optim for cell in cells],
-            seed,
-            device,
-            class_weights=class_weights,
+            recipe.seed,
+            recipe.device,
+            class_weights=recipe.class_weights,
+            train_augment=recipe.augmenter(),
             stop_diverged=len(cells) > 1,
         )
     return [CellResult(c, h, r) for c, h, r in zip(cells, heads, results, strict=True)]
@@ -162,9 +163,7 @@ def train_grid(
     read: Callable[[str], Features],
     labels: tuple[np.ndarray, np.ndarray],
     num_classes: int,
-    seed: int,
-    device: Device = "auto",
-    class_weights: tuple[float, ...] | None = None,
+    recipe: Recipe,
 ) -> GridOutcome:
     """Every cell, one cut at a time: `read(cut)` once (training and validation activations), its cells together.
 
@@ -177,9 +176,8 @@ def train_grid(
         at = [i for i, c in enumerate(cells) if c.cut == cut]
         features = read(cut)
         trained = train_cells(
-            [cells[i] for i in at], (features[0], labels[0]), (features[1], labels[1]),
-            num_classes, seed, device, class_weights,
-        )  # fmt: skip
+            [cells[i] for i in at], (features[0], labels[0]), (features[1], labels[1]), num_classes, recipe
+        )
         for i, result in zip(at, trained, strict=True):
             results[i] = result
         best = choose([r.score if r is not None else None for r in results])

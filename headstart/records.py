@@ -176,6 +176,11 @@ class ExtractRecord(StageRecord):
     tap_shapes: dict[str, list[int]]
     provenance: dict[str, Any]
     """The writer's provenance (weights sha256, arch, every tap, preprocessing, code version, torch)."""
+    views: int = 0
+    """Augmented views stored per training image (extract.views), keyed with `augment_digest` (headstart.views)."""
+    augment_digest: str | None = None
+    tta: int = 0
+    """Deterministic test-time views stored per test image (extract.tta): the first `tta` of TTA_VIEWS."""
 
     def provenance_for(self, taps: str | list[str] | None = None) -> dict[str, Any]:
         """The provenance a reader of `taps` (default: the source's cut) opens the store with."""
@@ -256,3 +261,5 @@ class EvaluateRecord(StageRecord):
     """Expected calibration error of the raw probabilities on the test split."""
     ece_calibrated: float
     """The same after temperature scaling: what `headstart predict` answers."""
+    tta_accuracy: float | None = None
+    """With evaluate.tta: accuracy of the probabilities averaged over each test image and its test-time views."""

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from headstart.backbones import CLASSIFIER, StagedNet, create_model, feature_shape, preprocess
-from headstart.config import STORED, Device, HeadParams, OptimParams, UpperInit
+from headstart.config import STORED, Device, FeatureAugmentParams, HeadParams, OptimParams, UpperInit
 from headstart.datasets import TaskData
-from headstart.fit import EpochCallback, FitResult, Inputs, fit, predict_logits
+from headstart.feature_augment import FeatureAugmenter
+from headstart.fit import EpochCallback, FitResult, Inputs, fit, predict_logits, resolve_device
 from headstart.heads import make_head
 from headstart.images import Preprocess
 from headstart.threads import head_threads, torch_threads
@@ -42,6 +43,17 @@ class Recipe:
     device: Device = "auto"
     class_weights: tuple[float, ...] | None = None
     """Per-class loss weights (train.class_weights: auto); None weighs every image the same."""
+    feature_augment: FeatureAugmentParams | None = None
+    """Random changes to stored activation maps of training batches (frozen, partial); None or all off: none."""
+    body_lr: float = 1.0
+    """End to end: the share of the learning rate the layers below the new head train at (finetune's slower body)."""
+
+    def augmenter(self) -> FeatureAugmenter | None:
+        """The training batches' feature-space augmentation, seeded with the run's seed; None when off."""
+        if self.feature_augment is None:
+            return None
+        augmenter = FeatureAugmenter(self.feature_augment, self.seed)
+        return augmenter if augmenter.active else None
 
 
 def body_dropout(body: nn.Module) -> float:
@@ -74,6 +86,7 @@ def train_frozen_head(
             recipe.device,
             on_epoch=on_epoch,
             class_weights=recipe.class_weights,
+            train_augment=recipe.augmenter(),
         )
     return head, result
 
@@ -100,9 +113,20 @@ def end_to_end_net(
 
 
 def train_end_to_end(
-    net: StagedNet, target: TaskData, pre: Preprocess, recipe: Recipe, on_epoch: EpochCallback | None = None
+    net: StagedNet,
+    target: TaskData,
+    pre: Preprocess,
+    recipe: Recipe,
+    on_epoch: EpochCallback | None = None,
+    keep_start: bool = False,
 ) -> FitResult:
-    """Train every parameter of `net` that requires grad on the target's images."""
+    """Train every parameter of `net` that requires grad on the target's images (the body at `recipe.body_lr`).
+
+    `keep_start`: the starting network is a candidate too (finetune after its head-first phase is never
+    handed back worse on validation than that phase left it)."""
+    head = list(net.stages[CLASSIFIER].parameters())
+    ids = {id(p) for p in head}
+    body = [p for p in net.parameters() if id(p) not in ids]
     return fit(
         net,
         (target.train.images, target.train.labels),
@@ -113,7 +137,34 @@ def train_end_to_end(
         transform=partial(preprocess, spec=pre),
         on_epoch=on_epoch,
         class_weights=recipe.class_weights,
+        lr_shares=None if recipe.body_lr == 1.0 else [(body, recipe.body_lr), (head, 1.0)],
+        keep_start=keep_start,
     )
+
+
+def train_head_first(
+    net: StagedNet, target: TaskData, pre: Preprocess, recipe: Recipe, features: Features | None = None
+) -> FitResult:
+    """Train only `net`'s new head, its body frozen: on `features` (the stored activations at the body's last
+    cut, for the training and validation images) when given, else on images through the frozen body.
+
+    This is finetune's first phase: a pretrained body receives gradients only from a head that already
+    fits the target, as a frozen run's head does.
+    """
+    head, transform = net.stages[CLASSIFIER], None
+    train_x, val_x = (features[0], features[1]) if features is not None else (target.train.images, target.val.images)
+    if features is None:  # the body's activations computed as the extract stage computes them: eval mode, no grad
+        device = resolve_device(recipe.device)
+        body = net.upto(net.cut_names[-1]).to(device).eval()
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return body(preprocess(x, pre).to(device))
+
+    return fit(
+        head, (train_x, target.train.labels), (val_x, target.val.labels), recipe.optim, recipe.seed, recipe.device,
+        transform=transform, class_weights=recipe.class_weights,
+    )  # fmt: skip
 
 
 def check_partial(source_net: StagedNet, arch: str, cut: str) -> None:
@@ -177,7 +228,7 @@ def train_partial(
     """
     return fit(
         above_cut(net, cut), train, val, recipe.optim, recipe.seed, recipe.device, on_epoch=on_epoch,
-        class_weights=recipe.class_weights,
+        class_weights=recipe.class_weights, train_augment=recipe.augmenter(),
     )  # fmt: skip
 
 
@@ -206,8 +257,13 @@ def train_strategy(
     features: Features | None = None,
     upper_init: UpperInit = "pretrained",
     on_epoch: EpochCallback | None = None,
+    head_first: tuple[Recipe, Features | None] | None = None,
 ) -> Trained:
-    """Train one strategy; frozen and partial need `features`, the stored activations at `cut`."""
+    """Train one strategy; frozen and partial need `features`, the stored activations at `cut`.
+
+    finetune with `head_first` (the head's recipe, and the stored activations at the body's last cut
+    or None) trains the new head on the frozen body first, then every layer (`recipe.body_lr`).
+    """
     if strategy in STORED:
         if features is None:
             raise ValueError(f"strategy {strategy!r} trains on stored activations at {cut!r}: pass `features`")
@@ -221,7 +277,11 @@ def train_strategy(
         result = train_partial(net, cut, train_xy, val_xy, recipe, on_epoch)
         return Trained(strategy, net, net.cut_names[-1], result)
     net = end_to_end_net(source_net, arch, strategy, target.num_classes, recipe.head, pre, recipe.seed)
-    return Trained(strategy, net, net.cut_names[-1], train_end_to_end(net, target, pre, recipe, on_epoch))
+    first = strategy == "finetune" and head_first is not None
+    if first:
+        train_head_first(net, target, pre, *head_first)
+    result = train_end_to_end(net, target, pre, recipe, on_epoch, keep_start=first)
+    return Trained(strategy, net, net.cut_names[-1], result)
 
 
 def val_logits(

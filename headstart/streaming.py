@@ -23,6 +23,7 @@ from headstart.extraction import sample_keys
 from headstart.order import epoch_windows, window_rows
 from headstart.records import ExtractRecord
 from headstart.store import KEY_BYTES, FeatureStore, MissingRowsError
+from headstart.views import augmented_keys
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """Row indices and their inputs."""
@@ -171,5 +172,64 @@ def stored_rows(record: ExtractRecord, images: np.ndarray, tap: str, params: Str
 
     The store is opened as `headstart.extraction.stored_features` opens it: provenance checked, complete.
     """
+    return keyed_rows(record, sample_keys(images), tap, params)
+
+
+def keyed_rows(record: ExtractRecord, keys: np.ndarray, tap: str, params: StreamParams) -> StoredRows:
+    """The stored activations at `tap` of the rows with these keys (images, or their views: headstart.views)."""
     store = FeatureStore.open(record.store_dir(), record.provenance_for(tap))
-    return StoredRows(store, sample_keys(images), tap, params)
+    return StoredRows(store, keys, tap, params)
+
+
+class ViewedRows:
+    """One split's stored rows with K augmented views of each image, as `headstart.fit.Inputs`.
+
+    Every epoch first draws, per image, which of its K + 1 rows (plain or a view) it contributes,
+    then shuffles the images exactly as `StoredRows` would: seeded, so the same seed trains the same
+    head. When all K + 1 rows fit in one window they are loaded once; otherwise each epoch reads
+    (loaded or streamed, as `StoredRows` decides) only the rows it drew, so memory stays one split's.
+    Prediction (`in_order`) reads the plain rows.
+    """
+
+    def __init__(self, store: FeatureStore, key_sets: Sequence[np.ndarray], tap: str, params: StreamParams):
+        self._store, self._sets, self._tap, self._params = store, list(key_sets), tap, params
+        self._row_shape = store.tap_shapes[tap]
+        n, k = len(key_sets[0]), len(key_sets)
+        fits = params.mode != "always" and n * k <= window_rows(params.window_mb, self._row_shape)
+        self._loaded = None
+        if fits:
+            self._loaded = torch.from_numpy(store.read(np.concatenate(self._sets), tap)).view(k, n, *self._row_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self._row_shape)
+
+    def __len__(self) -> int:
+        return len(self._sets[0])
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        n = len(self)
+        pick = torch.randint(len(self._sets), (n,), generator=generator)
+        if self._loaded is None:
+            keys = np.stack(self._sets)[pick.numpy(), np.arange(n)]
+            yield from StoredRows(self._store, keys, self._tap, self._params).shuffled(batch_size, generator)
+            return
+        order = torch.randperm(n, generator=generator)  # what StoredRows draws for a split within one window
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield idx, self._loaded[pick[idx], idx]
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        if self._loaded is None:
+            yield from StoredRows(self._store, self._sets[0], self._tap, self._params).in_order(batch_size)
+            return
+        for i in range(0, len(self), batch_size):
+            yield self._loaded[0, i : i + batch_size].clone()
+
+
+def viewed_rows(record: ExtractRecord, images: np.ndarray, tap: str, params: StreamParams) -> StoredRows | ViewedRows:
+    """The training split's stored activations with the store's augmented views; plain `StoredRows` without views."""
+    if not record.views:
+        return stored_rows(record, images, tap, params)
+    store = FeatureStore.open(record.store_dir(), record.provenance_for(tap))
+    return ViewedRows(store, augmented_keys(sample_keys(images), record.views, record.augment_digest), tap, params)

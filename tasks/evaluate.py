@@ -15,18 +15,21 @@ import torch
 from prefect import task
 
 from headstart import tracking
+from headstart.augment import TTA_VIEWS, tta_view
 from headstart.backbones import CLASSIFIER, StagedNet
 from headstart.caching import cached, run_logger
-from headstart.calibration import expected_calibration_error, reliability_figure, softmax
+from headstart.calibration import averaged_probabilities, expected_calibration_error, reliability_figure, softmax
 from headstart.checkpoints import ModelSpec, load_model
 from headstart.config import EvaluateParams, StreamParams
 from headstart.datasets import Split, load_task
+from headstart.extraction import sample_keys
 from headstart.files import atomic_write
 from headstart.fit import predict_logits
 from headstart.metrics import classification_report, confusion_figure, mistakes_figure
 from headstart.records import EvaluateRecord, ExtractRecord, Output, TaskMeta, TrainRecord, absolute
 from headstart.serving import image_logits
-from headstart.streaming import stored_rows
+from headstart.streaming import keyed_rows, stored_rows
+from headstart.views import tta_keys
 
 
 def calibration_report(logits: torch.Tensor, labels: np.ndarray, spec: ModelSpec) -> dict[str, float]:
@@ -51,6 +54,8 @@ def mlflow_metrics(report: dict) -> dict[str, float]:
     metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]}
     metrics["test_balanced_accuracy"] = report["balanced_accuracy"]
     metrics |= {"test_ece": report["ece"], "test_ece_calibrated": report["ece_calibrated"]}
+    if "tta_accuracy" in report:
+        metrics["test_tta_accuracy"] = report["tta_accuracy"]
     if "rejected_known" in report:
         metrics["test_rejected_known"] = report["rejected_known"]
     for name, scores in report["per_class"].items():
@@ -71,6 +76,35 @@ def logits_on_test(
         return predict_logits(net.stages[CLASSIFIER], stored_rows(extract_record, images, spec.cut, stream))
     net.eval()
     return image_logits(net, spec, images)
+
+
+def tta_logits(
+    net: StagedNet, spec: ModelSpec, trained: str, images: np.ndarray, extract_record: ExtractRecord | None, n: int,
+    stream: StreamParams,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Logits on each of the first `n` test-time views of the test images: a frozen run's from the views the store
+    holds (no forward pass through the backbone), any other run's through its network."""
+    names = TTA_VIEWS[:n]
+    if trained != "frozen":
+        net.eval()
+        return [image_logits(net, spec, tta_view(images, name)) for name in names]
+    if extract_record is None or extract_record.tta < n:
+        held = 0 if extract_record is None else extract_record.tta
+        raise ValueError(
+            f"evaluate.tta {n}: a frozen run averages the test-time views its store holds, and the store holds {held}; "
+            f"set extract.tta to {n} or more (or evaluate.tta to at most {held})"
+        )
+    head = net.stages[CLASSIFIER]
+    return [
+        predict_logits(head, keyed_rows(extract_record, keys, spec.cut, stream))
+        for keys in tta_keys(sample_keys(images), names)
+    ]
+
+
+def tta_report(logit_sets: list[torch.Tensor], labels: np.ndarray, spec: ModelSpec) -> dict[str, float]:
+    """Accuracy of the calibrated probabilities averaged over the plain images and their test-time views."""
+    probs = averaged_probabilities(logit_sets, spec.temperature)
+    return {"tta_views": len(logit_sets) - 1, "tta_accuracy": float((probs.argmax(axis=1) == labels).mean())}
 
 
 def write_reports(
@@ -122,6 +156,9 @@ def evaluate(
     logits = logits_on_test(net, spec, train_record.trained, test.images, extract_record, params.stream)
     report = classification_report(test.labels, logits.argmax(1).numpy(), spec.class_names)
     report |= calibration_report(logits, test.labels, spec)
+    if params.tta:
+        views = tta_logits(net, spec, train_record.trained, test.images, extract_record, params.tta, params.stream)
+        report |= tta_report([logits, *views], test.labels, spec)
     written = write_reports(Path(reports_dir) / run_name, run_name, report, logits, test, spec)
     tags = {"stage": "train", tracking.MODEL_SHA_TAG: train_record.sha256}
     with tracking.training_run(run_name, {}, tags, run_id=tracking.run_of_model(train_record.sha256)):
@@ -139,5 +176,5 @@ def evaluate(
     return EvaluateRecord(
         run_name=run_name, test_accuracy=report["accuracy"], balanced_accuracy=report["balanced_accuracy"],
         macro_f1=report["macro_f1"], ece=report["ece"], ece_calibrated=report["ece_calibrated"],
-        outputs=[Output.of(path) for path in written],
+        tta_accuracy=report.get("tta_accuracy"), outputs=[Output.of(path) for path in written],
     )  # fmt: skip

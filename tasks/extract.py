@@ -18,15 +18,17 @@ import numpy as np
 from prefect import task
 from tqdm.auto import tqdm
 
+from headstart.augment import TTA_VIEWS, build_pipeline, render
 from headstart.backbones import StagedNet, feature_shape
 from headstart.caching import cached, run_logger
 from headstart.config import ExtractParams
-from headstart.datasets import load_task
+from headstart.datasets import TaskData, load_task
 from headstart.extraction import provenance, sample_keys, segment_features, source_network, stored_taps
 from headstart.fit import resolve_device
 from headstart.progress import TaskProgress
 from headstart.records import ExtractRecord, Output, SourceWeights, TaskMeta, relative
 from headstart.store import MARKER, FeatureStore, rows_per_chunk, store_path
+from headstart.views import PLAIN, ViewRows, augment_digest, plan_rows, seeds_of
 
 
 def open_store(
@@ -48,16 +50,45 @@ def open_store(
     return store, shapes, prov
 
 
+def plan(task_data: TaskData, params: ExtractParams) -> ViewRows:
+    """The store's rows for this data: every image plainly, `views` augmented views of each training image and
+    `tta` test-time views of each test image (headstart.views keys them)."""
+    sizes = [len(task_data.split(s)) for s in ("train", "val", "test")]
+    digest = augment_digest(params.augment) if params.views else None
+    return plan_rows(
+        sample_keys(task_data.all_images()), np.arange(sizes[0]), params.views, digest,
+        np.arange(sum(sizes[:2]), sum(sizes)), TTA_VIEWS[: params.tta],
+    )  # fmt: skip
+
+
+def describe(rows: ViewRows) -> str:
+    """What a store's rows are, for the log: `120 images + 2 augmented views of 79 + 2 test-time views of 14`."""
+    plain, parts = int((rows.view == PLAIN).sum()), []
+    for kind, sign in (("augmented", 1), ("test-time", -1)):
+        views = np.unique(rows.view[rows.view * sign > 0])
+        if len(views):
+            parts.append(f"{len(views)} {kind} view(s) of {int((rows.view == views[0]).sum())}")
+    return " + ".join([f"{plain} images", *parts])
+
+
 def fill_store(
-    store: FeatureStore, keys: np.ndarray, images: np.ndarray, net: StagedNet, weights: SourceWeights,
+    store: FeatureStore, rows: ViewRows, images: np.ndarray, net: StagedNet, weights: SourceWeights,
     cuts: list[str], params: ExtractParams, on_chunk: Callable[[int], None] | None,
 ) -> int:  # fmt: skip
     """Repair damaged chunks, then compute the rows the store lacks (here or on Dask); how many were computed."""
     device = resolve_device(params.device)
     net.to(device)
+    keys, seeds = rows.keys, seeds_of(rows.keys)
+    viewed = bool((rows.view != PLAIN).any())
+    if viewed and params.runner == "dask":
+        raise ValueError("extract.views and extract.tta are computed by the local runner: set extract.runner: local")
 
     def features(idx: np.ndarray) -> dict[str, np.ndarray]:
-        return segment_features(net, images[idx], weights.preprocess, cuts, params.batch_size, device)
+        pixels = (
+            render(images, rows.image[idx], rows.view[idx], [seeds[i] for i in idx], params.augment, TTA_VIEWS)
+            if viewed else images[idx]
+        )  # fmt: skip
+        return segment_features(net, pixels, weights.preprocess, cuts, params.batch_size, device)
 
     repaired = store.repair(keys, features)
     if repaired:
@@ -105,22 +136,24 @@ def extract(
     task_data = load_task(Path(data_dir), "target")
     if task_data.fingerprint() != task_meta.fingerprint:
         raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
-    images = task_data.all_images()
-    keys = sample_keys(images)
+    if params.views:
+        build_pipeline(params.augment)  # a bad argument is refused before any work, naming the item
+    images, rows = task_data.all_images(), plan(task_data, params)
     net = source_network(weights)
     cuts = stored_taps(net, weights.cut, taps)
     store, shapes, prov = open_store(Path(store_root), weights, net, cuts, params)
     started = time.perf_counter()
-    computed = fill_store(store, keys, images, net, weights, cuts, params, on_chunk)
+    computed = fill_store(store, rows, images, net, weights, cuts, params, on_chunk)
     seconds = time.perf_counter() - started
-    unique = len(set(map(bytes, keys)))
+    unique = len(set(map(bytes, rows.keys)))
     run_logger().info(
-        "extract %s at %s: %d unique images, %d reused from %s, %d computed in %.1f s (%.0f img/s, %s runner on %s)",
-        weights.source, ", ".join(cuts), unique, unique - computed, store.path, computed, seconds,
+        "extract %s at %s: %d rows (%s), %d reused from %s, %d computed in %.1f s (%.0f rows/s, %s runner on %s)",
+        weights.source, ", ".join(cuts), unique, describe(rows), unique - computed, store.path, computed, seconds,
         computed / seconds if computed and seconds > 0 else 0.0, params.runner, resolve_device(params.device),
     )  # fmt: skip
     return ExtractRecord(
         source=weights.source, store=relative(store.path), store_key=store.path.stem, rows=store.rows, cut=weights.cut,
-        taps=cuts, tap_shapes={t: list(s) for t, s in shapes.items()}, provenance=prov,
+        taps=cuts, tap_shapes={t: list(s) for t, s in shapes.items()}, provenance=prov, views=params.views,
+        augment_digest=augment_digest(params.augment) if params.views else None, tta=params.tta,
         outputs=[Output.of(store.path / MARKER)],
     )  # fmt: skip

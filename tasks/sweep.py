@@ -23,7 +23,17 @@ from torch.nn import functional as F
 from headstart import tracking
 from headstart.backbones import StagedNet, preprocess
 from headstart.caching import cached, run_logger
-from headstart.config import BEST_CUT, STORED, Device, HeadParams, OptimParams, StreamParams, SweepStrategy, UpperInit
+from headstart.config import (
+    BEST_CUT,
+    STORED,
+    Device,
+    HeadParams,
+    OptimParams,
+    StreamParams,
+    SweepStrategy,
+    UpperInit,
+    base_strategy,
+)
 from headstart.datasets import Split, TaskData, load_task
 from headstart.extraction import source_network
 from headstart.files import atomic_write
@@ -41,7 +51,7 @@ from headstart.strategies import (
     train_frozen_head,
     train_partial,
 )
-from headstart.streaming import stored_rows
+from headstart.streaming import stored_rows, viewed_rows
 
 UPPER_INIT: UpperInit = "pretrained"
 """Partial cells start the layers above the cut from the source's weights: the transfer the sweep measures."""
@@ -154,7 +164,7 @@ def cell_params(strategy: str, fraction: float, seed: int, cut: str | None, trai
     """What a cell's MLflow run records as params."""
     return {
         "strategy": strategy, "fraction": fraction, "seed": seed, "train_size": train_size, "cut": cut,
-        **({"upper_init": UPPER_INIT} if strategy == "partial" else {}),
+        **({"upper_init": UPPER_INIT} if base_strategy(strategy) == "partial" else {}),
         "source": {"name": weights.source, "arch": weights.arch},
         "head": head.model_dump(mode="json"), "optim": optim.model_dump(mode="json"),
     }  # fmt: skip
@@ -166,15 +176,18 @@ def train_cell(
 ) -> tuple[FitResult, dict[str, float]]:  # fmt: skip
     """Train one cell's network (frozen and partial on the stored activations at `cut`, read as `stream` says)
     and score it on test."""
-    pre, arch = weights.preprocess, weights.arch
-    if strategy not in STORED:
+    pre, arch, trains = weights.preprocess, weights.arch, base_strategy(strategy)
+    if trains not in STORED:
         return end_to_end_cell(source_network(weights), arch, strategy, target, pre, recipe, tracking.log_epoch)
     if extract_record is None:
         raise ValueError(f"sweep cell {name!r} trains on stored activations: it needs the extract record")
-    train_xy, val_xy = (
-        (stored_rows(extract_record, s.images, cut, stream), s.labels) for s in (target.train, target.val)
-    )
-    if strategy == "frozen":
+    if trains != strategy and not extract_record.views:
+        raise ValueError(f"sweep cell {name!r} trains on stored augmented views, and the store holds none: "
+                         "set extract.views (4, say) and rerun the extract stage")  # fmt: skip
+    rows = viewed_rows if trains != strategy else stored_rows
+    train_xy = (rows(extract_record, target.train.images, cut, stream), target.train.labels)
+    val_xy = (stored_rows(extract_record, target.val.images, cut, stream), target.val.labels)
+    if trains == "frozen":
         test_xy = (stored_rows(extract_record, target.test.images, cut, stream), target.test.labels)
         return frozen_cell(train_xy, val_xy, test_xy, target.num_classes, recipe, tracking.log_epoch)
     return partial_cell(source_network(weights), arch, cut, train_xy, val_xy, target, pre, recipe, tracking.log_epoch)
@@ -205,7 +218,7 @@ def sweep(
     if parent is None:
         raise RuntimeError("a sweep cell logs a nested MLflow run: start the sweep's parent run first (flows/sweep.py)")
     name = cell_name(strategy, fraction, seed)
-    if (strategy in STORED) != (cut is not None):
+    if (base_strategy(strategy) in STORED) != (cut is not None):
         raise ValueError(
             f"sweep cell {name!r}: frozen and partial cells take a stored cut, the others none; got {cut!r}"
         )
@@ -215,7 +228,7 @@ def sweep(
                       len(target.train))  # fmt: skip
     tags = {"stage": "sweep", "strategy": strategy, "source": weights.source, "data_fingerprint": task_meta.fingerprint,
             "weights_sha256": weights.sha256, "git_commit": tracking.git_commit()}  # fmt: skip
-    if strategy in STORED and extract_record is not None:
+    if base_strategy(strategy) in STORED and extract_record is not None:
         tags["feature_store_key"] = extract_record.store_key
     cell = {"cell": name, "strategy": strategy, "cut": cut, "fraction": fraction, "seed": seed,
             "train_size": len(target.train)}  # fmt: skip

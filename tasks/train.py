@@ -38,7 +38,7 @@ from headstart.strategies import (
     train_strategy,
     val_logits,
 )
-from headstart.streaming import stored_rows
+from headstart.streaming import stored_rows, viewed_rows
 
 
 def optim_of(strategy: str, params: TrainParams) -> OptimParams:
@@ -47,7 +47,33 @@ def optim_of(strategy: str, params: TrainParams) -> OptimParams:
 
 def recipe_of(strategy: str, params: TrainParams, class_weights: tuple[float, ...] | None = None) -> Recipe:
     """The head, optimiser, seed, device and class weights a strategy trains with under this train section."""
-    return Recipe(params.head, optim_of(strategy, params), params.seed, params.device, class_weights)
+    body_lr = params.finetune.body_lr if strategy == "finetune" else 1.0
+    return Recipe(
+        params.head, optim_of(strategy, params), params.seed, params.device, class_weights, params.feature_augment,
+        body_lr,
+    )  # fmt: skip
+
+
+def head_first(
+    strategy: str, params: TrainParams, class_weights: tuple[float, ...] | None, source_net: StagedNet,
+    extract_record: ExtractRecord | None, target: TaskData,
+) -> tuple[Recipe, Features | None] | None:  # fmt: skip
+    """finetune's first phase (train.finetune.head_first): a frozen run's recipe, on the stored activations at the
+    body's last cut when the store holds them (else None: through the frozen body)."""
+    if strategy != "finetune" or not params.finetune.head_first:
+        return None
+    last, features = source_net.cut_names[-1], None
+    if extract_record is not None and last in extract_record.taps:
+        features = (
+            stored_rows(extract_record, target.train.images, last, params.stream),
+            stored_rows(extract_record, target.val.images, last, params.stream),
+        )
+    else:
+        run_logger().warning(
+            "finetune's head-first phase runs through the frozen body: the store does not hold its last cut %r "
+            "(add it to the source's taps to train that phase on stored activations)", last,
+        )  # fmt: skip
+    return recipe_of("frozen", params, class_weights), features
 
 
 def choice(run: RunParams, source: SourceParams, advice: AdviseRecord | None) -> tuple[str, str, str]:
@@ -74,6 +100,9 @@ def run_params(run: RunParams, source: SourceParams, params: TrainParams, optim:
         "device": params.device,
         "class_weights": params.class_weights,
         "stream": params.stream.model_dump(mode="json"),
+        "views": params.views,
+        "feature_augment": params.feature_augment.model_dump(mode="json"),
+        "finetune": params.finetune.model_dump(mode="json"),
         **({"grid": run.grid.model_dump(mode="json")} if run.grid is not None else {}),
     }
 
@@ -114,6 +143,8 @@ def history(outcome: Outcome, grid: GridOutcome | None = None) -> dict:
     with a grid (content only: no timings)."""
     result = outcome.kept.result
     out = {"best_epoch": result.best_epoch, "epochs": result.epochs, "history": epochs(result)}
+    if result.start is not None:  # finetune after its head-first phase: epoch 0 is that phase's network
+        out["start"] = result.start
     if outcome.baseline is not None:
         out["baseline"] = {"best_epoch": outcome.baseline.result.best_epoch, "history": epochs(outcome.baseline.result)}
     if grid is not None:
@@ -154,6 +185,7 @@ def train_tags(run: RunParams, strategy: str, cut: str, target: TaskData, weight
         tags["auto_choice"] = f"{strategy}@{cut}"
     if strategy in STORED and extract_record is not None:
         tags["feature_store_key"] = extract_record.store_key
+        tags["store_views"] = str(extract_record.views)
     return tags
 
 
@@ -162,13 +194,17 @@ def stored_inputs(
 ) -> Features | None:
     """The stored activations at `cut` of the training and validation images, for the strategies that train on them.
 
-    Each split is loaded or streamed from the store as `train.stream` says (the same metrics either way).
+    Each split is loaded or streamed from the store as `train.stream` says (the same metrics either way); with
+    `train.views: use`, training draws each image's plain row or one of its stored augmented views per epoch.
     """
     if strategy not in STORED:
         return None
     if extract_record is None:
         raise ValueError(f"run {run_name!r} is {strategy}: it needs the extract stage's record, got None")
-    return tuple(stored_rows(extract_record, s.images, cut, params.stream) for s in (target.train, target.val))
+    rows = viewed_rows if params.views == "use" else stored_rows
+    return rows(extract_record, target.train.images, cut, params.stream), stored_rows(
+        extract_record, target.val.images, cut, params.stream
+    )
 
 
 def class_weights_of(params: TrainParams, target: TaskData) -> tuple[float, ...] | None:
@@ -184,7 +220,7 @@ def run_grid(
     cells = grid_cells(run.grid.model_copy(update={"cuts": named}), cut, params.head, params.frozen, len(target.train))
     grid = train_grid(
         cells, lambda at: stored_inputs(run_name, "frozen", extract_record, target, at, params),
-        (target.train.labels, target.val.labels), target.num_classes, params.seed, params.device, class_weights,
+        (target.train.labels, target.val.labels), target.num_classes, recipe_of("frozen", params, class_weights),
     )  # fmt: skip
     log_grid(run_name, grid)
     kept = grid.kept
@@ -195,14 +231,16 @@ def run_grid(
 def train_outcome(
     run: RunParams, strategy: str, cut: str, upper_init: str, source_net: StagedNet, weights: SourceWeights,
     target: TaskData, features: Features | None, params: TrainParams, class_weights: tuple[float, ...] | None,
-    trained: Trained | None = None,
+    extract_record: ExtractRecord | None, trained: Trained | None = None,
 ) -> Outcome:  # fmt: skip
     """Train the strategy (unless `trained`, a grid's choice, is given), and scratch beside it when a baseline is
     asked for; keep the one the rule says."""
-    trained = trained or train_strategy(
-        strategy, source_net, weights.arch, target, weights.preprocess, recipe_of(strategy, params, class_weights),
-        cut, features, upper_init, tracking.log_epoch,
-    )  # fmt: skip
+    if trained is None:
+        first = head_first(strategy, params, class_weights, source_net, extract_record, target)
+        trained = train_strategy(
+            strategy, source_net, weights.arch, target, weights.preprocess, recipe_of(strategy, params, class_weights),
+            cut, features, upper_init, tracking.log_epoch, first,
+        )  # fmt: skip
     baseline = None
     if needs_baseline(run.strategy, run.baseline, strategy):
         baseline = train_strategy(
@@ -308,8 +346,9 @@ def train(
             trained, grid = run_grid(run_name, run, cut, source_net, target, extract_record, params, class_weights)
             features, cut = grid.features, trained.spec_cut
         outcome = train_outcome(
-            run, strategy, cut, upper_init, source_net, weights, target, features, params, class_weights, trained
-        )
+            run, strategy, cut, upper_init, source_net, weights, target, features, params, class_weights,
+            extract_record, trained,
+        )  # fmt: skip
         _log_outcome(run_name, run, strategy, outcome)
         temperature, reject_below = calibrate(outcome.kept, target, weights, cut, features, params)
         head = grid.kept.cell.head if grid is not None else None

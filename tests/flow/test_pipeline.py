@@ -6,6 +6,7 @@ changes that must recompute exactly what they touch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import subprocess
@@ -24,6 +25,7 @@ from flows.layout import Layout
 from flows.pipeline import transfer
 from flows.stages import pipeline_calls
 from flows.status import StageStatus, pipeline_status, stage_links
+from flows.summary import summary_markdown
 from headstart.caching import bound_arguments
 from headstart.config import parse_params
 from headstart.records import ExtractRecord
@@ -229,3 +231,28 @@ def test_advise_on_every_source_ranks_them(project: dict[str, Any]) -> None:
     assert rows[0]["val_accuracy"] >= rows[1]["val_accuracy"]
     with get_client(sync_client=True) as client:
         assert client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["advise-sources"])))
+
+
+def test_stored_views_extract_only_the_views_and_every_run_reports_tta(
+    project: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """extract.views/tta grow the stores by their views alone; training and evaluation rerun; a rerun is a no-op."""
+    raw = copy.deepcopy(project["raw"])
+    raw["extract"].update(views=2, tta=2)
+    raw["evaluate"]["tta"] = 2
+    with caplog.at_level(logging.INFO):
+        result, states = run_flow(project["root"], raw)
+    assert computed(states) == ALWAYS | {"extract", "advise", "train", "evaluate"}, states
+    pattern = (r"extract (\w+) at .*?: \d+ rows \((\d+) images \+ 2 augmented view\(s\) of (\d+) "
+               r"\+ 2 test-time view\(s\) of (\d+)\), (\d+) reused from .*?, (\d+) computed")  # fmt: skip
+    logged = [re.search(pattern, r.getMessage()) for r in caplog.records if r.getMessage().startswith("extract ")]
+    found = {m[1]: tuple(map(int, m.groups()[1:])) for m in logged if m}
+    assert set(found) == set(raw["sources"]), [r.getMessage() for r in caplog.records]
+    for images, train, test, reused, new in found.values():
+        assert reused == images and new == 2 * train + 2 * test  # the plain rows are kept: only views computed
+    for name, run in result["runs"].items():
+        assert 0.0 <= run["tta_accuracy"] <= 1.0, name
+        assert run["test_accuracy"] >= 0.0
+    assert "| with TTA |" in summary_markdown(result)
+    _, again = run_flow(project["root"], raw)
+    assert computed(again) == ALWAYS

@@ -15,11 +15,12 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 
 from headstart import metrics, tracking
 from headstart.checkpoints import load_model
-from headstart.config import EvaluateParams, StreamParams
+from headstart.config import EvaluateParams, ExtractParams, StreamParams
 from headstart.datasets import load_task
 from headstart.extraction import provenance
 from headstart.records import EvaluateRecord, Output, TrainRecord, absolute
-from tasks.evaluate import evaluate, logits_on_test
+from tasks.evaluate import evaluate, logits_on_test, tta_logits
+from tasks.extract import extract
 from tasks.train import train
 from tests.unit.training_setup import Setup, prepare
 
@@ -146,7 +147,7 @@ def test_evaluate_writes_metrics_and_confusion(evaluated, strategy: str):
     # the registered version is found in the registry by the weights' sha256 (test_evaluate_logs_to_the_train_run...)
     assert isinstance(record, EvaluateRecord)
     assert set(EvaluateRecord.model_fields) == {
-        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated",
+        "run_name", "test_accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_calibrated", "tta_accuracy",
         "key", "inputs", "outputs",
     }  # fmt: skip
     assert record.run_name == f"eval-{strategy}"
@@ -214,3 +215,35 @@ def test_frozen_without_features_is_a_clear_error(evaluated, setup: Setup, tmp_p
     trained, _, _ = evaluated["frozen"]
     with pytest.raises(ValueError, match="needs the extract record"):
         evaluate.fn("x", trained, None, setup.task_meta, PARAMS, setup.data_dir, tmp_path)
+
+
+def test_tta_is_reported_beside_plain_accuracy(setup: Setup, evaluated, tmp_path: Path) -> None:
+    """evaluate.tta: a frozen run averages the views its store holds, a finetune run its own forward passes."""
+    stored = extract.fn(
+        weights=setup.weights, task_meta=setup.task_meta, data_dir=setup.data_dir, store_root=tmp_path / "features",
+        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu", tta=3),
+    )  # fmt: skip
+    tta = PARAMS.model_copy(update={"tta": 3})
+    test = load_task(setup.data_dir, "target").test
+    for strategy, record in (("frozen", stored), ("finetune", None)):
+        trained, plain, _ = evaluated[strategy]
+        again = evaluate.fn(
+            run_name=f"eval-{strategy}", train_record=trained, extract_record=record, task_meta=setup.task_meta,
+            params=tta, data_dir=setup.data_dir, reports_dir=tmp_path / strategy,
+        )  # fmt: skip
+        report = json.loads((tmp_path / strategy / f"eval-{strategy}" / "metrics.json").read_text())
+        assert report["tta_views"] == 3 and report["tta_accuracy"] == again.tta_accuracy
+        assert again.test_accuracy == plain.test_accuracy and plain.tta_accuracy is None  # plain figures unchanged
+        net, spec = load_model(absolute(trained.path), trained.sha256)
+        views = tta_logits(net, spec, trained.trained, test.images, record, 3, StreamParams())
+        plain_logits = logits_on_test(net, spec, trained.trained, test.images, record, StreamParams())
+        probs = np.mean([torch.softmax(v / spec.temperature, 1).numpy() for v in (plain_logits, *views)], axis=0)
+        assert again.tta_accuracy == pytest.approx(float((probs.argmax(1) == test.labels).mean()))
+        logged = MlflowClient().get_run(tracking.run_of_model(trained.sha256)).data.metrics
+        assert logged["test_tta_accuracy"] == again.tta_accuracy
+    trained, _, _ = evaluated["frozen"]
+    with pytest.raises(ValueError, match="set extract.tta to 3 or more"):
+        evaluate.fn(
+            run_name="eval-frozen", train_record=trained, extract_record=setup.extract_record,
+            task_meta=setup.task_meta, params=tta, data_dir=setup.data_dir, reports_dir=tmp_path / "refused",
+        )  # fmt: skip

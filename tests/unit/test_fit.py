@@ -139,3 +139,18 @@ def test_bad_inputs_are_named():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             resolve_device("cuda")
     assert resolve_device("auto").type in {"cpu", "cuda"}
+
+
+def test_the_start_is_a_candidate_when_asked_so_a_fitted_network_never_comes_back_worse() -> None:
+    """keep_start: scored before the first epoch; when no epoch beats it, the starting weights are restored."""
+    train, val = blobs(200), blobs(60, seed=1)
+    model = mlp(0)
+    fit(model, train, val, OPTIM, seed=0)  # a network that already fits
+    fitted = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = blobs(200, flip=1)  # training on shifted labels can only make validation worse
+    kept = fit(model, wrong, val, OPTIM.model_copy(update={"patience": 2}), seed=0, keep_start=True)
+    assert kept.best_epoch == 0 and kept.best == kept.start and kept.start["epoch"] == 0
+    assert kept.epochs == 2 and all(r["val_loss"] > kept.start["val_loss"] for r in kept.history)
+    assert all(torch.equal(v, fitted[k]) for k, v in model.state_dict().items())
+    plain = fit(mlp(0), train, val, OPTIM, seed=0)  # without it: the best epoch, never the start
+    assert plain.best_epoch >= 1 and plain.start is None

@@ -77,7 +77,7 @@ def test_a_one_cell_grid_is_the_single_frozen_head_bitwise() -> None:
     single, alone = train_frozen_head(train, val, CLASSES, recipe)
     cells = grid_cells(GridParams(), "block2", HEAD, OPTIM, len(train[0]))
     assert cells == [Cell("block2", HEAD, OPTIM)]  # an empty grid is the run's own head
-    [cell] = train_cells(cells, train, val, CLASSES, seed=5, device="cpu")
+    [cell] = train_cells(cells, train, val, CLASSES, recipe)
     assert same(cell.head, single)
     assert epochs(cell.result.history) == epochs(alone.history) and cell.result.best_epoch == alone.best_epoch
 
@@ -88,7 +88,7 @@ def test_every_cell_is_stepped_on_one_read_per_epoch_and_trains_as_it_would_alon
     cells = grid_cells(grid, "fc1", HEAD, OPTIM, len(x))
     assert len(cells) == 2 * 2 + 1
     train_x, val_x = CountingInputs(x), CountingInputs(xv)
-    results = train_cells(cells, (train_x, y), (val_x, yv), CLASSES, seed=1, device="cpu")
+    results = train_cells(cells, (train_x, y), (val_x, yv), CLASSES, Recipe(HEAD, OPTIM, seed=1, device="cpu"))
     longest = max(r.result.epochs for r in results)
     assert train_x.shuffles == longest and val_x.in_orders == longest  # each epoch reads the rows once for all heads
     for cell, result in zip(cells, results, strict=True):
@@ -104,8 +104,8 @@ def test_every_cell_is_stepped_on_one_read_per_epoch_and_trains_as_it_would_alon
 def test_a_grid_is_deterministic_per_seed() -> None:
     train, val = features((12,))
     cells = grid_cells(GridParams(lrs=[1e-2, 1e-3], hidden=[[8]]), "fc1", HEAD, OPTIM, len(train[0]))
-    first, again = (train_cells(cells, train, val, CLASSES, seed=0, device="cpu") for _ in range(2))
-    other = train_cells(cells, train, val, CLASSES, seed=1, device="cpu")
+    seeded = [Recipe(HEAD, OPTIM, seed=seed, device="cpu") for seed in (0, 0, 1)]
+    first, again, other = (train_cells(cells, train, val, CLASSES, recipe) for recipe in seeded)
     assert all(same(a.head, b.head) for a, b in zip(first, again, strict=True))
     assert [a.result.history[-1]["val_loss"] for a in first] == [b.result.history[-1]["val_loss"] for b in again]
     assert not any(same(a.head, b.head) for a, b in zip(first, other, strict=True))
@@ -173,7 +173,7 @@ def test_a_grid_reads_each_cut_once_and_keeps_the_chosen_cuts_activations() -> N
     labels = (stored["block2"][0][1], stored["block2"][1][1])
     grid = GridParams(lrs=[1e-2, 1e-3], cuts=["block2", "fc1"], hidden=[[], [8]])
     cells = grid_cells(grid, "block2", HEAD, OPTIM, len(labels[0]))
-    outcome = train_grid(cells, read, labels, CLASSES, seed=0, device="cpu")
+    outcome = train_grid(cells, read, labels, CLASSES, Recipe(HEAD, OPTIM, seed=0, device="cpu"))
     assert reads == ["block2", "fc1"]
     assert [r.cell for r in outcome.cells] == cells
     assert outcome.chosen == choose([r.score for r in outcome.cells])

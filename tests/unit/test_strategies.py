@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from headstart import tracking
-from headstart.backbones import preprocess
+from headstart.backbones import CLASSIFIER, preprocess
 from headstart.checkpoints import load_model, save_weights
 from headstart.config import ExtractParams, HeadParams, RunParams, TrainParams
 from headstart.datasets import load_task
@@ -22,9 +22,12 @@ from headstart.sources import load_source
 from headstart.strategies import (
     above_cut,
     distinct_units,
+    end_to_end_net,
     negative_transfer,
     partial_net,
     train_end_to_end,
+    train_frozen_head,
+    train_head_first,
     train_partial,
 )
 from tasks.extract import extract
@@ -239,3 +242,37 @@ def test_inverse_frequency_class_weights_raise_the_minority_recall():
     assert recall["auto"] > recall["none"] + 0.2, recall
     with pytest.raises(ValueError, match="every class in the training split"):
         inverse_frequency(np.zeros(5, int), 2)
+
+
+def test_finetune_trains_the_head_first_as_a_frozen_run_would_then_the_body_slower(setup: Setup) -> None:
+    """train.finetune: phase one is the frozen strategy's head at the body's last cut (stored activations or
+    through the frozen body: the same head), phase two unfreezes every layer with the body at body_lr."""
+    source = load_source(setup.weights)
+    target = load_task(setup.data_dir, "target")
+    params = setup.params
+    head_recipe = recipe_of("frozen", params)
+    x_train, x_val = features_at(setup, "fc1")  # fmnist_cnn's last cut: where finetune's new head sits
+    frozen_head, frozen = train_frozen_head((x_train, target.train.labels), (x_val, target.val.labels), 3, head_recipe)
+
+    stored_net = end_to_end_net(source, "fmnist_cnn", "finetune", 3, params.head, PRE, params.seed)
+    images_net = end_to_end_net(source, "fmnist_cnn", "finetune", 3, params.head, PRE, params.seed)
+    body_before = state(stored_net.upto("fc1"))
+    from_store = train_head_first(stored_net, target, PRE, head_recipe, (x_train, x_val))
+    train_head_first(images_net, target, PRE, head_recipe)
+    seconds = [{"seconds": r["seconds"]} for r in from_store.history]
+    assert from_store.history == [r | s for r, s in zip(frozen.history, seconds, strict=True)]
+    for key, value in frozen_head.state_dict().items():  # the very head a frozen run trains
+        assert torch.equal(value, stored_net.stages[CLASSIFIER].state_dict()[key]), key
+        torch.testing.assert_close(value, images_net.stages[CLASSIFIER].state_dict()[key], rtol=1e-4, atol=1e-5)
+    for net in (stored_net, images_net):  # the body did not move and trains again in phase two
+        assert all(torch.equal(v, body_before[k]) for k, v in state(net.upto("fc1")).items())
+        assert all(p.requires_grad for p in net.parameters())
+
+    slow = replace(recipe_of("finetune", params), body_lr=1e-6)
+    assert recipe_of("finetune", params).body_lr == params.finetune.body_lr == 0.1
+    head_before = state(stored_net.stages[CLASSIFIER])
+    train_end_to_end(stored_net, target, PRE, slow)
+    moved = {k: (v - body_before[k]).abs().max().item() for k, v in state(stored_net.upto("fc1")).items()}
+    assert 0 < max(moved.values()) < 1e-3  # Adam's steps scale with the rate: the body crawls
+    head_moved = max((v - head_before[k]).abs().max().item() for k, v in state(stored_net.stages[CLASSIFIER]).items())
+    assert head_moved > 100 * max(moved.values())

@@ -12,11 +12,12 @@ from mlflow import MlflowClient
 
 from flows.sweep import cells
 from headstart import tracking
-from headstart.config import STORED, ParamsError, SweepParams, load_params, parse_params
+from headstart.config import STORED, ExtractParams, ParamsError, SweepParams, load_params, parse_params
 from headstart.datasets import Split
 from headstart.records import AdviseRecord
 from headstart.splits import nested_fraction
 from tasks.advise import probe_subset
+from tasks.extract import extract
 from tasks.sweep import cell_name, subset, sweep, sweep_cut
 from tasks.sweep_report import (
     crossover,
@@ -246,7 +247,7 @@ def test_sweep_params_are_validated_naming_the_key() -> None:
     for key, value, expected in (
         ("fractions", [0.5, 0.5], "distinct"),
         ("fractions", [0.0, 0.5], "greater than 0"),
-        ("strategies", ["auto"], "'frozen', 'partial', 'finetune' or 'scratch'"),
+        ("strategies", ["auto"], "'frozen', 'partial', 'finetune', 'scratch', 'frozen\\+views' or 'partial\\+views'"),
         ("source", "nowhere", "expected one of"),
         ("cut", "block9", "expected 'best' or one of \\['block2', 'block1', 'fc1'\\]"),
     ):
@@ -254,3 +255,23 @@ def test_sweep_params_are_validated_naming_the_key() -> None:
         with pytest.raises(ParamsError, match=expected) as err:
             parse_params(bad, "params.yaml")
         assert "sweep" in str(err.value)
+
+
+def test_views_cells_train_the_stored_strategy_on_the_stored_views(setup: Setup, tmp_path: Path) -> None:
+    """frozen+views and partial+views: the same strategy and cut, trained on the store's augmented views."""
+    viewed = extract.fn(
+        weights=setup.weights, task_meta=setup.task_meta, data_dir=setup.data_dir, store_root=tmp_path / "features",
+        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu", views=2),
+    )  # fmt: skip
+    with tracking.keyed_run("sweep-test", "unit-test-views", {}, {}):
+        for strategy in ("frozen", "partial"):
+            plain = run_cell(setup, strategy, 1.0, tmp_path / strategy)
+            views = run_cell(setup, f"{strategy}+views", 1.0, tmp_path / f"{strategy}+views", extract_record=viewed,
+                             cut="block2", optim=setup.params.frozen)  # fmt: skip
+            assert views["cell"] == f"{strategy}+views-100pct-s0" and views["cut"] == "block2"
+            assert views["best_val_loss"] != plain["best_val_loss"]  # other training rows, the same validation ones
+            params = MlflowClient().get_run(views["mlflow_run_id"]).data.params
+            assert params["strategy"] == f"{strategy}+views"
+            assert ("upper_init" in params) == (strategy == "partial")
+        with pytest.raises(ValueError, match="the store holds none: set extract.views"):
+            run_cell(setup, "frozen+views", 1.0, tmp_path / "none", extract_record=setup.extract_record, cut="block2")

@@ -13,13 +13,14 @@ from mlflow import MlflowClient
 from headstart import tracking
 from headstart.backbones import preprocess
 from headstart.checkpoints import load_model
-from headstart.config import OptimParams, StreamParams, TrainParams
+from headstart.config import ExtractParams, OptimParams, StreamParams, TrainParams
 from headstart.datasets import load_task
 from headstart.fingerprint import sha256_file
 from headstart.fit import predict_logits
-from headstart.records import TrainRecord, absolute
+from headstart.records import ExtractRecord, TrainRecord, absolute
 from headstart.sources import load_source
 from headstart.strategies import end_to_end_net, train_frozen_head
+from tasks.extract import extract
 from tasks.train import recipe_of, train
 from tests.unit.training_setup import PRE, Setup, prepare
 
@@ -193,3 +194,27 @@ def test_a_frozen_run_streamed_from_the_store_trains_the_same_model_as_loaded(se
     assert streamed.sha256 == loaded.sha256  # the saved weights (and spec) are the same bytes
     assert (tmp_path / "always" / "history.json").read_bytes() == (tmp_path / "never" / "history.json").read_bytes()
     assert (streamed.val_loss, streamed.temperature) == (loaded.val_loss, loaded.temperature)
+
+
+def test_a_frozen_run_trains_on_the_stored_views_when_asked(setup: Setup, tmp_path: Path) -> None:
+    """train.views: use draws stored augmented views (seeded: the same model twice); ignore is the plain run."""
+    viewed = extract.fn(
+        weights=setup.weights, task_meta=setup.task_meta, data_dir=setup.data_dir, store_root=tmp_path / "features",
+        params=ExtractParams(batch_size=32, chunk_mb=0.5, device="cpu", views=2),
+    )  # fmt: skip
+    assert viewed.views == 2 and viewed.rows == 90 + 2 * 60
+
+    def run(name: str, views: str, record: ExtractRecord) -> TrainRecord:
+        return train.fn(
+            run_name=f"test-views-{name}", run=setup.params.runs["frozen"], source=setup.source,
+            params=setup.params.model_copy(update={"views": views}), weights=setup.weights, extract_record=record,
+            task_meta=setup.task_meta, data_dir=setup.data_dir, out_dir=tmp_path / name,
+        )  # fmt: skip
+
+    use, again, ignore = run("use", "use", viewed), run("again", "use", viewed), run("ignore", "ignore", viewed)
+    plain = run("plain", "use", setup.extract_record)
+    assert use.sha256 == again.sha256  # seeded: the same views drawn, the same head
+    assert ignore.sha256 == plain.sha256  # ignore reads the plain rows only: the run on a store without views
+    assert use.sha256 != plain.sha256
+    logged = MlflowClient().get_run(tracking.run_of_model(use.sha256)).data
+    assert logged.params["views"] == "use" and logged.tags["store_views"] == "2"
