@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,15 @@ import torch
 from torch import nn
 
 from headstart.checkpoints import load_model
-from headstart.config import GridParams, HeadParams, OptimParams, ParamsError, RunParams, parse_params
+from headstart.config import (
+    FeatureAugmentParams,
+    GridParams,
+    HeadParams,
+    OptimParams,
+    ParamsError,
+    RunParams,
+    parse_params,
+)
 from headstart.fit import ArrayInputs, fit_many
 from headstart.grid import LOGREG_HEAD, Cell, choose, grid_cells, train_cells, train_grid
 from headstart.records import TrainRecord, absolute
@@ -99,6 +108,20 @@ def test_every_cell_is_stepped_on_one_read_per_epoch_and_trains_as_it_would_alon
         alone, fitted = train_frozen_head((x, y), (xv, yv), CLASSES, recipe)
         assert same(result.head, alone), cell.name
         assert epochs(result.result.history) == epochs(fitted.history)
+
+
+def test_feature_augmentation_is_drawn_once_a_batch_and_each_cell_sees_what_it_would_alone() -> None:
+    train, val = features((4, 3, 3))
+    augment = FeatureAugmentParams(flip=True, crop=0.25, brightness=0.2, contrast=0.2)
+    recipe = Recipe(HEAD, OPTIM, seed=2, device="cpu", feature_augment=augment)
+    cells = grid_cells(GridParams(lrs=[1e-2, 1e-3], hidden=[[], [8]]), "block2", HEAD, OPTIM, len(train[0]))
+    for result in train_cells(cells, train, val, CLASSES, recipe):
+        alone, _ = train_frozen_head(
+            train, val, CLASSES, replace(recipe, head=result.cell.head, optim=result.cell.optim)
+        )
+        assert same(result.head, alone), result.cell.name
+    plain = train_cells(cells[:1], train, val, CLASSES, replace(recipe, feature_augment=None))[0]
+    assert not same(plain.head, train_cells(cells[:1], train, val, CLASSES, recipe)[0].head)  # it did augment
 
 
 def test_a_grid_is_deterministic_per_seed() -> None:
