@@ -1,4 +1,4 @@
-"""Which augmentation helps a frozen head? `python -m bench.views_specs [FRACTION ...]` (about 6 min; not in make bench).
+"""Which augmentation helps a frozen head? `python -m bench.views_specs [FRACTION ...]` (6 min; not in make bench).
 
 Benchmark 13 compares stored views with on-the-fly augmentation for one pipeline; this compares
 pipelines. The same pretrained FMNIST-2 CNN, frozen at its cut, params.yaml's frozen recipe, a head
