@@ -50,13 +50,12 @@ def open_store(
     return store, shapes, prov
 
 
-def plan(task_data: TaskData, params: ExtractParams) -> ViewRows:
-    """The store's rows for this data: every image plainly, `views` augmented views of each training image and
-    `tta` test-time views of each test image (headstart.views keys them)."""
+def plan(task_data: TaskData, images: np.ndarray, params: ExtractParams, digest: str | None) -> ViewRows:
+    """The store's rows for `images` (the task's, train then val then test): every image plainly, `views`
+    augmented views of each training image (keyed with `digest`) and `tta` test-time views of each test image."""
     sizes = [len(task_data.split(s)) for s in ("train", "val", "test")]
-    digest = augment_digest(params.augment) if params.views else None
     return plan_rows(
-        sample_keys(task_data.all_images()), np.arange(sizes[0]), params.views, digest,
+        sample_keys(images), np.arange(sizes[0]), params.views, digest,
         np.arange(sum(sizes[:2]), sum(sizes)), TTA_VIEWS[: params.tta],
     )  # fmt: skip
 
@@ -78,14 +77,14 @@ def fill_store(
     """Repair damaged chunks, then compute the rows the store lacks (here or on Dask); how many were computed."""
     device = resolve_device(params.device)
     net.to(device)
-    keys, seeds = rows.keys, seeds_of(rows.keys)
+    keys = rows.keys
     viewed = bool((rows.view != PLAIN).any())
     if viewed and params.runner == "dask":
         raise ValueError("extract.views and extract.tta are computed by the local runner: set extract.runner: local")
 
     def features(idx: np.ndarray) -> dict[str, np.ndarray]:
         pixels = (
-            render(images, rows.image[idx], rows.view[idx], [seeds[i] for i in idx], params.augment, TTA_VIEWS)
+            render(images, rows.image[idx], rows.view[idx], seeds_of(keys[idx]), params.augment, TTA_VIEWS)
             if viewed else images[idx]
         )  # fmt: skip
         return segment_features(net, pixels, weights.preprocess, cuts, params.batch_size, device)
@@ -138,7 +137,9 @@ def extract(
         raise ValueError(f"{data_dir}/target.npz does not match its data record; rerun the data stage")
     if params.views:
         build_pipeline(params.augment)  # a bad argument is refused before any work, naming the item
-    images, rows = task_data.all_images(), plan(task_data, params)
+    digest = augment_digest(params.augment) if params.views else None
+    images = task_data.all_images()
+    rows = plan(task_data, images, params, digest)
     net = source_network(weights)
     cuts = stored_taps(net, weights.cut, taps)
     store, shapes, prov = open_store(Path(store_root), weights, net, cuts, params)
@@ -154,6 +155,6 @@ def extract(
     return ExtractRecord(
         source=weights.source, store=relative(store.path), store_key=store.path.stem, rows=store.rows, cut=weights.cut,
         taps=cuts, tap_shapes={t: list(s) for t, s in shapes.items()}, provenance=prov, views=params.views,
-        augment_digest=augment_digest(params.augment) if params.views else None, tta=params.tta,
+        augment_digest=digest, tta=params.tta,
         outputs=[Output.of(store.path / MARKER)],
     )  # fmt: skip
